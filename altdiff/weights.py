@@ -1,0 +1,156 @@
+"""Reading checkpoint files and strict, key- and shape-checked loading onto meta-built modules.
+
+Module attribute names equal the checkpoint keys, so loading is a copy: no rename table, no random init.
+Pickled formats go through `torch.load(weights_only=True)` only, which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+M = TypeVar("M", bound=nn.Module)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable, unsafe, or does not fit the model."""
+
+
+def _check_safetensors_header(path: Path) -> None:
+    # safetensors' own messages do not say which file; check the framing ourselves first.
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise WeightsError(f"{path}: truncated safetensors file (header claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(f"{path}: truncated safetensors file (tensor data ends at byte {8 + n + end}, "
+                           f"file has {size})")
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """All tensors of one file, on CPU. `.safetensors` is memory-mapped; pickle formats are read with
+    `weights_only=True` and must hold only tensors (a `state_dict` wrapper, as in LDM `.ckpt`, is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        _check_safetensors_header(path)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: corrupt safetensors file ({e})") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "zip archive" in str(e) or "central directory" in str(e):
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as e2:  # noqa: BLE001 - any failure here is the file's fault
+                    raise WeightsError(f"{path}: unreadable checkpoint ({_first_line(e2)})") from None
+            else:
+                raise WeightsError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+        except pickle.UnpicklingError as e:
+            raise WeightsError(f"{path}: refused to unpickle: the file holds objects other than tensors "
+                               f"(only weights_only loading is allowed; {_first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001 - EOFError, zipfile errors, ... all mean a bad file
+            raise WeightsError(f"{path}: unreadable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        return _tensors_only(obj, path)
+    raise WeightsError(f"{path}: unknown weights format {path.suffix!r} "
+                       f"(expected one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES})")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _tensors_only(obj, path: Path) -> StateDict:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: expected only tensors, but {len(bad)} entries are not "
+                           f"(first: {bad[:3]!r})")
+    return obj
+
+
+def find_weights(folder: str | Path, stem: str, variant: str | None = None) -> Path:
+    """The weights file of one diffusers component folder: `{stem}[.{variant}].safetensors`, else `.bin`.
+    A requested variant that is absent falls back to the plain file, as diffusers does."""
+    folder = Path(folder)
+    names = []
+    for suffix in (".safetensors", ".bin"):
+        if variant:
+            names.append(f"{stem}.{variant}{suffix}")
+        names.append(f"{stem}{suffix}")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def _summary(items: list, what: str, limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {what}: {shown}{more}"
+
+
+def check_state_dict(model: nn.Module, state_dict: StateDict, source: str) -> None:
+    """Raise one WeightsError listing missing keys, unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} (model expects {tuple(v.shape)})"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [_summary(x, w) for x, w in ((missing, "missing keys"), (unexpected, "unexpected keys"),
+                                            (shapes, "shape mismatches")) if x]
+    if problems:
+        raise WeightsError(f"{source}: weights do not fit {type(model).__name__}; " + "; ".join(problems))
+
+
+def load_module(build: Callable[[], M], state_dict: StateDict, source: str, *,
+                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                ignore: Iterable[str] = ()) -> M:
+    """Build a module on the meta device (no init cost) and fill it from `state_dict`, strictly.
+
+    `ignore` lists key prefixes the checkpoint may carry that the model does not use (e.g. an unused pooler).
+    Floating-point tensors are cast to `dtype`; the result is moved to `device`.
+    """
+    with torch.device("meta"):
+        model = build()
+    ignore = tuple(ignore)
+    state_dict = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    check_state_dict(model, state_dict, source)
+    converted = {}
+    for k, v in state_dict.items():
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        converted[k] = v.to(device) if device is not None else v
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
