@@ -1,0 +1,15 @@
+"""altdiff: AltDiffusion (multilingual Stable Diffusion with an XLM-R text encoder) in plain PyTorch."""
+
+from .compat import AltDiffusionImg2ImgPipeline, AltDiffusionPipeline
+from .generate import GenerationResult, generate
+from .pipeline import Pipeline, load
+
+__all__ = [
+           "AltDiffusionImg2ImgPipeline",
+           "AltDiffusionPipeline",
+           "GenerationResult",
+           "Pipeline",
+           "generate",
+           "load",
+]
+__version__ = "0.1.0"

@@ -49,7 +49,8 @@ class _Config:
 
     @classmethod
     def from_json(cls, path: str | Path):
-        return _from_dict(cls, read_json(path), str(path))
+        # Through cls.from_dict, so the overrides of SafetyConfig and ModelIndex apply to files too.
+        return cls.from_dict(read_json(path), str(path))
 
     def check(self) -> None:
         pass

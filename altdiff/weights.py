@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -69,14 +70,14 @@ def read_state_dict(path: str | Path) -> StateDict:
             if "zip archive" in str(e) or "central directory" in str(e):
                 try:
                     obj = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception as e2:  # noqa: BLE001 - any failure here is the file's fault
+                except Exception as e2:
                     raise WeightsError(f"{path}: unreadable checkpoint ({_first_line(e2)})") from None
             else:
                 raise WeightsError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
         except pickle.UnpicklingError as e:
             raise WeightsError(f"{path}: refused to unpickle: the file holds objects other than tensors "
                                f"(only weights_only loading is allowed; {_first_line(e)})") from None
-        except Exception as e:  # noqa: BLE001 - EOFError, zipfile errors, ... all mean a bad file
+        except Exception as e:
             raise WeightsError(f"{path}: unreadable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
         return _tensors_only(obj, path)
     raise WeightsError(f"{path}: unknown weights format {path.suffix!r} "

@@ -3,9 +3,8 @@
 import warnings
 
 import pytest
-import torch
-
 import tiny
+import torch
 
 warnings.filterwarnings("ignore", message=".*accelerate.*")
 

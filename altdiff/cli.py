@@ -1,0 +1,112 @@
+"""`altdiff "prompt" -o out.png`: generate PNGs carrying AUTOMATIC1111 infotext."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from .images import format_infotext, open_image, save_png
+
+# The webui's names, so infotext pasted into it selects the same sampler.
+SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.")
+    p.add_argument("prompt", help="the prompt, in any of the model's languages")
+    p.add_argument("-n", "--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (recorded in the PNG)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLER_LABELS),
+                   help="default: the model's own scheduler")
+    p.add_argument("-W", "--width", type=int, default=None)
+    p.add_argument("-H", "--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (one UNet batch)")
+    p.add_argument("--batch-count", type=int, default=1, help="number of batches")
+    p.add_argument("-i", "--init-image", default=None, help="img2img: the starting image")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
+    p.add_argument("--model", default=None, help="hub repo id or diffusers folder (default BAAI/AltDiffusion-m9)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
+    p.add_argument("-o", "--output", default="out-%d.png",
+                   help="output path; %%d is replaced by the next free number (never overwrites)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing file without %%d")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path]:
+    """`count` paths from `pattern`: with %d, the next free numbers; without, the name itself (or name-1,
+    name-2, ... for several images). Existing files are never replaced unless `overwrite`."""
+    if "%d" in pattern:
+        paths, n = [], 0
+        while len(paths) < count:
+            path = Path(pattern.replace("%d", str(n), 1))
+            if not path.exists():
+                paths.append(path)
+            n += 1
+        return paths
+    base = Path(pattern)
+    paths = [base] if count == 1 else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(count)]
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise ValueError(f"output: {', '.join(taken)} already exists (use %d in -o for numbering, or --overwrite)")
+    return paths
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "batch_count"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.seed < -1:
+        raise ValueError(f"--seed: must be >= 0 or -1 for random, got {args.seed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        paths = output_paths(args.output, args.batch_size * args.batch_count, args.overwrite)
+        init = open_image(args.init_image) if args.init_image else None
+        return _run(args, paths, init)
+    except (ValueError, TypeError) as e:
+        print(f"altdiff: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
+    from .generate import generate
+    from .pipeline import DEFAULT_MODEL, load
+    from .schedules import sampler_for_config
+
+    model = args.model or DEFAULT_MODEL
+    pipe = load(model, device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker)
+    sampler = args.sampler or sampler_for_config(pipe.scheduler_config)
+    seed = random.randrange(2**32) if args.seed == -1 else args.seed
+    written = iter(paths)
+    for b in range(args.batch_count):
+        # One generator per image (seed, seed+1, ...): each image can be remade alone from its own seed.
+        seeds = [seed + b * args.batch_size + j for j in range(args.batch_size)]
+        result = generate(args.prompt, model=pipe, negative_prompt=args.negative_prompt,
+                          num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
+                          height=None if init else args.height, width=None if init else args.width,
+                          num_images_per_prompt=args.batch_size, seed=seeds, sampler=sampler, image=init,
+                          strength=args.strength, progress=not args.quiet)
+        for j, img in enumerate(result.images):
+            params = {"Steps": args.steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler),
+                      "CFG scale": args.cfg_scale, "Seed": seeds[j], "Size": f"{img.width}x{img.height}",
+                      "Model": Path(str(model)).name,
+                      "Denoising strength": args.strength if init is not None else None,
+                      "NSFW": True if result.nsfw_content_detected and result.nsfw_content_detected[j] else None}
+            path = save_png(img, next(written), format_infotext(args.prompt, args.negative_prompt, params))
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

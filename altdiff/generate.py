@@ -1,0 +1,339 @@
+"""The functional text-to-image / image-to-image loop: encode → sample → decode → safety check.
+
+Mirrors diffusers' AltDiffusionPipeline / AltDiffusionImg2ImgPipeline step for step (same random draws in the
+same order), so the same arguments and generator give the same image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from .images import ImageInput, postprocess, preprocess
+from .noise import randn_tensor
+from .pipeline import DEFAULT_MODEL, Pipeline, load
+from .samplers import get_sampler
+from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
+
+logger = logging.getLogger("altdiff")
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+_loaded: dict[str, Pipeline] = {}
+
+
+@dataclass
+class GenerationResult:
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None
+
+
+def get_model(model: Pipeline | str | None) -> Pipeline:
+    """A Pipeline as is; a source string (default BAAI/AltDiffusion-m9) loaded once and cached."""
+    if isinstance(model, Pipeline):
+        return model
+    source = DEFAULT_MODEL if model is None else model
+    if not isinstance(source, str):
+        raise TypeError(f"model: expected an altdiff.Pipeline or a source string, got {type(model).__name__}")
+    if source not in _loaded:
+        _loaded[source] = load(source)
+    return _loaded[source]
+
+
+def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float):
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    3.4): match the std of the guided prediction to the text prediction's, mixed by `guidance_rescale`."""
+    dims = list(range(1, noise_pred_text.ndim))
+    std_text = noise_pred_text.std(dim=dims, keepdim=True)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def _embed(pipe: Pipeline, texts: list[str], device, max_length: int, clip_skip: int | None) -> torch.Tensor:
+    tokens = pipe.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)
+    mask = tokens["attention_mask"].to(device) if pipe.text_encoder.config.use_attention_mask else None
+    return pipe.text_encoder(tokens["input_ids"].to(device), attention_mask=mask, clip_skip=clip_skip)
+
+
+def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                  negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+                  negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None,
+                  clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """diffusers' encode_prompt: (prompt_embeds, negative_prompt_embeds), each repeated per image.
+    `lora_scale` is accepted for signature compatibility; LoRA scaling reaches the text encoder through
+    `cross_attention_kwargs` once adapters are loaded."""
+    device = torch.device(device)
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    batch_size = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+    dtype = next(pipe.text_encoder.parameters()).dtype
+    max_length = pipe.tokenizer.model_max_length
+    if prompt_embeds is None:
+        for text in prompt:
+            if len(pipe.tokenizer.encode(text)) + 2 > max_length:
+                logger.warning("prompt truncated to %d tokens: %r", max_length, text)
+        prompt_embeds = _embed(pipe, prompt, device, max_length, clip_skip)
+    prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
+    bs, seq_len, _ = prompt_embeds.shape
+    prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs * num_images_per_prompt, seq_len, -1)
+
+    if do_classifier_free_guidance and negative_prompt_embeds is None:
+        if negative_prompt is None:
+            uncond = [""] * batch_size
+        elif isinstance(negative_prompt, str):
+            uncond = [negative_prompt]
+        else:
+            uncond = list(negative_prompt)
+        # diffusers encodes the negative prompt without clip_skip.
+        negative_prompt_embeds = _embed(pipe, uncond, device, prompt_embeds.shape[1], None)
+    if do_classifier_free_guidance:
+        seq_len = negative_prompt_embeds.shape[1]
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+        negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1).view(
+            batch_size * num_images_per_prompt, seq_len, -1)
+    return prompt_embeds, negative_prompt_embeds
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
+                  num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
+                  output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
+                  cross_attention_kwargs, callback_steps) -> int:
+    """Everything checkable before a model runs; returns the prompt batch size."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("prompt and prompt_embeds: pass one of them, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("prompt: provide a prompt (str or list of str) or prompt_embeds")
+    if prompt is not None:
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"prompt: expected a str or a non-empty list of str, got {type(prompt).__name__}")
+        batch_size = len(texts)
+    else:
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+            raise ValueError("prompt_embeds: expected a 3-D tensor (batch, tokens, width)")
+        batch_size = prompt_embeds.shape[0]
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("negative_prompt and negative_prompt_embeds: pass one of them, not both")
+    if negative_prompt is not None:
+        if prompt is not None and type(prompt) is not type(negative_prompt):
+            raise TypeError(f"negative_prompt: should be the same type as prompt ({type(prompt).__name__}), "
+                            f"got {type(negative_prompt).__name__}")
+        if isinstance(negative_prompt, list):
+            if not all(isinstance(t, str) for t in negative_prompt):
+                raise TypeError("negative_prompt: expected a str or a list of str")
+            if len(negative_prompt) != batch_size:
+                raise ValueError(f"negative_prompt: has {len(negative_prompt)} entries but prompt has "
+                                 f"{batch_size}")
+        elif not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt: expected a str or a list of str, got "
+                            f"{type(negative_prompt).__name__}")
+    if prompt_embeds is not None and negative_prompt_embeds is not None and (
+            prompt_embeds.shape != negative_prompt_embeds.shape):
+        raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} must equal "
+                         f"prompt_embeds' {tuple(prompt_embeds.shape)}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0
+                                  or value % 8):
+            raise ValueError(f"{name}: must be a positive multiple of 8, got {value!r}")
+    if image is not None and (height is not None or width is not None):
+        raise ValueError("height/width: img2img takes its size from image; resize the image instead")
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: must be a positive int, got {num_inference_steps!r}")
+    if not _is_number(guidance_scale):
+        raise ValueError(f"guidance_scale: must be a finite number, got {guidance_scale!r}")
+    if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale: must be in [0, 1], got {guidance_rescale!r}")
+    if not _is_number(eta) or eta < 0:
+        raise ValueError(f"eta: must be a number >= 0, got {eta!r}")
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or (
+            num_images_per_prompt < 1):
+        raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images_per_prompt!r}")
+    if image is not None and (not _is_number(strength) or not 0 <= strength <= 1):
+        raise ValueError(f"strength: must be in [0.0, 1.0], got {strength!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type: must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    bad = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSOR_INPUTS}")
+    if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+        raise ValueError(f"callback_steps: must be a positive int, got {callback_steps!r}")
+    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+        raise TypeError("cross_attention_kwargs: expected a dict such as {'scale': 0.5}")
+    if seed is not None and generator is not None:
+        raise ValueError("seed and generator: pass one of them, not both")
+    total = batch_size * num_images_per_prompt
+    if isinstance(generator, list):
+        if len(generator) != total:
+            raise ValueError(f"generator: a list of {len(generator)} generators was passed but the batch has "
+                             f"{total} images (prompts x num_images_per_prompt)")
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator: list entries must be torch.Generator")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}")
+    if isinstance(seed, list) and len(seed) != total:
+        raise ValueError(f"seed: a list of {len(seed)} seeds was passed but the batch has {total} images")
+    return batch_size
+
+
+def _generators_from_seed(seed: int | Sequence[int]):
+    if isinstance(seed, (list, tuple)):
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int or a list of ints, got {type(seed).__name__}")
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _image_latents(pipe: Pipeline, image: torch.Tensor, total: int, generator, device, dtype) -> torch.Tensor:
+    """img2img: the scaled VAE latent *sample* of each image (first random draws), repeated to `total`."""
+    latent_channels = pipe.unet.config.in_channels
+    image = image.to(device=device, dtype=dtype)
+    if image.shape[1] == latent_channels:
+        init = image
+    else:
+        if isinstance(generator, list):
+            # diffusers encodes image[i:i+1] with generator[i]; slices past the image batch are empty.
+            init = torch.cat([pipe.vae.encode(image[i:i + 1]).sample(generator[i])
+                              for i in range(min(total, image.shape[0]))])
+        else:
+            init = pipe.vae.encode(image).sample(generator)
+        init = pipe.vae.config.scaling_factor * init
+    n = init.shape[0]
+    if total % n:
+        raise ValueError(f"image: a batch of {n} images cannot be spread over {total} generated images")
+    return torch.cat([init] * (total // n)) if total > n else init
+
+
+def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | None = None,
+             image: ImageInput | None = None, strength: float = 0.8, height: int | None = None,
+             width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             seed: int | list[int] | None = None, latents: torch.Tensor | None = None,
+             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+             output_type: str = "pil", return_dict: bool = True,
+             callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+             cross_attention_kwargs: dict | None = None, guidance_rescale: float = 0.0,
+             clip_skip: int | None = None, sampler: str | None = None,
+             callback: Callable | None = None, callback_steps: int | None = None, progress: bool = True):
+    """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
+    pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
+    per image) makes CPU generators, `progress` shows a tqdm bar."""
+    batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
+                               num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
+                               output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
+                               cross_attention_kwargs, callback_steps)
+    pipe = get_model(model)
+    if seed is not None:
+        generator = _generators_from_seed(seed)
+    sampler = sampler or sampler_for_config(pipe.scheduler_config)
+    sample_fn = get_sampler(sampler)
+    unet_cfg = pipe.unet.config
+    factor = pipe.vae_scale_factor
+    total = batch_size * num_images_per_prompt
+    if image is not None:
+        init_image = preprocess(image, factor, unet_cfg.in_channels)
+    else:
+        height = height or unet_cfg.sample_size * factor
+        width = width or unet_cfg.sample_size * factor
+        shape = (total, unet_cfg.in_channels, height // factor, width // factor)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
+            raise ValueError(f"latents: expected a tensor of shape {shape}, got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("latents: contain NaN or inf")
+    schedule = make_schedule(sampler, pipe.scheduler_config, num_inference_steps, device=pipe.device)
+    steps = num_inference_steps
+    if image is not None:
+        schedule = schedule_for_strength(schedule, strength)
+        steps = min(int(num_inference_steps * strength), num_inference_steps)
+
+    with pipe.lock, torch.inference_mode():
+        device = pipe.device
+        do_cfg = guidance_scale > 1 and unet_cfg.time_cond_proj_dim is None
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds = encode_prompt(
+            pipe, prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, lora_scale, clip_skip)
+        dtype = prompt_embeds.dtype
+        state = {"prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+                 "negative_prompt_embeds": negative_prompt_embeds}
+
+        if image is None:
+            if latents is None:
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = latents.to(device) * schedule.init_noise_sigma
+        else:
+            init = _image_latents(pipe, init_image, total, generator, device, dtype)
+            noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)
+            latents = add_noise(schedule, init, noise)
+
+        timestep_cond = None
+        if unet_cfg.time_cond_proj_dim is not None:
+            w = torch.tensor(guidance_scale - 1).repeat(total)
+            timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet_cfg.time_cond_proj_dim).to(
+                device=device, dtype=latents.dtype)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = torch.cat([x] * 2) if do_cfg else x
+            pred = pipe.unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
+                             cross_attention_kwargs=cross_attention_kwargs)
+            if do_cfg:
+                pred_uncond, pred_text = pred.chunk(2)
+                pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+                if guidance_rescale > 0.0:
+                    pred = rescale_noise_cfg(pred, pred_text, guidance_rescale)
+            return pred
+
+        n_calls = len(schedule.timesteps)
+        warmup = n_calls - steps  # PNDM's repeated first timestep does not advance the progress count
+        bar = tqdm(total=n_calls, disable=not progress, desc="altdiff")
+
+        def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+            bar.update()
+            new = None
+            if callback_on_step_end is not None:
+                local = {"latents": x, **state}
+                out = callback_on_step_end(pipe, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                out = dict(out or {})
+                state["prompt_embeds"] = out.pop("prompt_embeds", state["prompt_embeds"])
+                state["negative_prompt_embeds"] = out.pop("negative_prompt_embeds", state["negative_prompt_embeds"])
+                new = out.pop("latents", None)
+                if new is not None and not torch.isfinite(new).all():
+                    raise ValueError(f"callback_on_step_end: returned latents with NaN or inf at step {i}")
+            if callback is not None and (i == n_calls - 1 or i + 1 > warmup) and i % (callback_steps or 1) == 0:
+                callback(i, t, x if new is None else new)
+            return new
+
+        try:
+            latents = sample_fn(model_fn, latents, schedule, generator=generator, eta=eta, callback=on_step)
+        finally:
+            bar.close()
+
+        nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+            if pipe.safety_checker is not None:
+                nsfw = pipe.safety_checker.check((decoded / 2 + 0.5).clamp(0, 1))
+                # Flagged images are zeroed and skip denormalisation: they come out black, as in diffusers.
+                decoded = torch.stack([torch.zeros_like(img) if flag else img for img, flag in zip(decoded, nsfw)])
+            images = postprocess(decoded, output_type, [not f for f in nsfw] if nsfw else [True] * len(decoded))
+    if not return_dict:
+        return images, nsfw
+    return GenerationResult(images=images, nsfw_content_detected=nsfw)

@@ -1,0 +1,179 @@
+"""Image pre/post-processing (as diffusers' VaeImageProcessor) and PNG files with AUTOMATIC1111 infotext."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence
+
+# Pillow's decompression-bomb guard, made an error instead of a warning: a 100-megapixel upload is refused
+# before its pixels are decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _check_pil(img: PIL.Image.Image) -> None:
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image: {img.width}x{img.height} is larger than the {MAX_IMAGE_PIXELS} pixels allowed")
+
+
+def open_image(path: str | Path) -> PIL.Image.Image:
+    """Open an image file for img2img: size checked before decoding, converted to RGB (16-bit, palette and
+    alpha images included)."""
+    try:
+        img = PIL.Image.open(path)
+    except FileNotFoundError:
+        raise ValueError(f"image: file not found: {path}") from None
+    except (PIL.UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image: {path} is not a readable image ({e})") from None
+    _check_pil(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits before RGB (Pillow's convert would clip at 255).
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = PIL.Image.fromarray(np.round(arr / peak * 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Flatten transparency onto white, as image editors show it.
+        img = img.convert("RGBA")
+        background = PIL.Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = PIL.Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> torch.Tensor:
+    """Like diffusers' VaeImageProcessor.preprocess: PIL (resized down to a multiple of `scale_factor`,
+    Lanczos), numpy HWC/BHWC in [0, 1] and torch BCHW in [0, 1] (or [-1, 1]) become a float32 BCHW tensor in
+    [-1, 1]; a tensor with `latent_channels` channels is taken as latents and returned unchanged."""
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise ValueError("image: empty list")
+    kinds = {type(i) for i in images}
+    first = images[0]
+    if isinstance(first, PIL.Image.Image):
+        if not all(isinstance(i, PIL.Image.Image) for i in images):
+            raise TypeError(f"image: a list must hold one kind of image, got {sorted(k.__name__ for k in kinds)}")
+        for img in images:
+            _check_pil(img)
+        w, h = (x - x % scale_factor for x in first.size)
+        if w <= 0 or h <= 0:
+            raise ValueError(f"image: {first.size[0]}x{first.size[1]} is smaller than {scale_factor} pixels")
+        arrays = [np.asarray(to_rgb(i).resize((w, h), resample=PIL.Image.LANCZOS), dtype=np.float32) / 255.0
+                  for i in images]
+        tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    elif isinstance(first, np.ndarray):
+        if not all(isinstance(i, np.ndarray) for i in images):
+            raise TypeError("image: a list must hold one kind of image")
+        arr = np.concatenate(images) if first.ndim == 4 else np.stack(images)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"image: numpy images must be HxWx3 or BxHxWx3, got shape {tuple(first.shape)}")
+        tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(0, 3, 1, 2)
+    elif isinstance(first, torch.Tensor):
+        if not all(isinstance(i, torch.Tensor) for i in images):
+            raise TypeError("image: a list must hold one kind of image")
+        tensor = torch.cat(images) if first.ndim == 4 else torch.stack(images)
+        if tensor.ndim != 4:
+            raise ValueError(f"image: tensors must be CxHxW or BxCxHxW, got shape {tuple(first.shape)}")
+        if tensor.shape[1] == latent_channels:
+            if not torch.isfinite(tensor).all():
+                raise ValueError("image: latents contain NaN or inf")
+            return tensor
+    else:
+        raise TypeError(f"image: expected a PIL image, numpy array, torch tensor or a list of them, got "
+                        f"{type(first).__name__}")
+    if tensor.shape[1] != 3:
+        raise ValueError(f"image: expected 3 colour channels (or {latent_channels} latent channels), got "
+                         f"{tensor.shape[1]}")
+    h, w = tensor.shape[-2:]
+    if h % scale_factor or w % scale_factor:
+        # diffusers resizes tensors and arrays with nearest interpolation down to the multiple.
+        tensor = torch.nn.functional.interpolate(tensor, size=(h - h % scale_factor, w - w % scale_factor))
+    if not torch.isfinite(tensor).all():
+        raise ValueError("image: contains NaN or inf")
+    # diffusers takes tensors already in [-1, 1] as they are (a deprecated form it still accepts).
+    return tensor if tensor.min() < 0 else tensor * 2.0 - 1.0
+
+
+def postprocess(image: torch.Tensor, output_type: str, do_denormalize: Sequence[bool]):
+    """[-1, 1] BCHW → "pt" BCHW in [0, 1], "np" BHWC float32, "pil" list of RGB images. Images whose
+    `do_denormalize` is False (flagged by the safety checker, already zeroed) come out black."""
+    image = torch.stack([(img / 2 + 0.5).clamp(0, 1) if d else img for img, d in zip(image, do_denormalize)])
+    if output_type == "pt":
+        return image
+    arr = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return arr
+    return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
+
+
+# --- AUTOMATIC1111 "parameters" infotext -------------------------------------------------------------------
+
+_PARAM_RE = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def format_infotext(prompt: str, negative_prompt: str | None, params: dict[str, Any]) -> str:
+    """The webui's text: prompt line(s), "Negative prompt: ..." and one "Key: value, ..." line."""
+    def value(v):
+        v = str(v)
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if ("," in v or ":" in v
+                                                                             or '"' in v) else v
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {value(v)}" for k, v in params.items() if v is not None))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Inverse of format_infotext: (prompt, negative_prompt, params as strings)."""
+    *head, last = text.split("\n")
+    if not _PARAM_RE.match(last) or len(_PARAM_RE.findall(last)) < 3:
+        head, last = head + [last], ""
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip(" ")
+        (negative_lines if in_negative else prompt_lines).append(line)
+    params = {}
+    for key, val in _PARAM_RE.findall(last):
+        if val.startswith('"') and val.endswith('"') and len(val) >= 2:
+            val = re.sub(r"\\(.)", r"\1", val[1:-1])
+        params[key.strip()] = val
+    return "\n".join(prompt_lines), "\n".join(negative_lines), params
+
+
+def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = None) -> Path:
+    """Write a PNG atomically (temp file in the same folder, then rename) with the infotext as a UTF-8
+    iTXt "parameters" chunk, so CJK and Arabic prompts survive."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    if infotext is not None:
+        info.add_itxt("parameters", infotext)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_infotext(path: str | Path) -> str | None:
+    with PIL.Image.open(path) as img:
+        return img.info.get("parameters")

@@ -1,0 +1,169 @@
+"""`Pipeline`: the loaded components plus their switches, and `load()` that builds one from a source."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelIndex, SchedulerConfig
+from .hub import resolve
+from .safety import SafetyChecker, load_safety_checker
+from .text_encoder import TextEncoder, load_text_encoder
+from .tokenizer import Tokenizer
+from .unet import UNet, load_unet
+from .vae import AutoencoderKL, load_vae
+
+DEFAULT_MODEL = "BAAI/AltDiffusion-m9"
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a torch device (expected 'cpu', 'cuda' or 'cuda:N')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA was requested but no CUDA device is available (use device='cpu')")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device: {device.type!r} is not supported (expected 'cpu' or 'cuda')")
+    return device
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype: {dtype} is not supported (expected float16, bfloat16 or float32)")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported (expected one of {sorted(set(DTYPES))})")
+    return DTYPES[dtype]
+
+
+@dataclass(eq=False)
+class Pipeline:
+    """Everything `generate()` needs. Build with `altdiff.load(...)`; call `.generate(...)`."""
+
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: AutoencoderKL
+    scheduler_config: SchedulerConfig
+    safety_checker: SafetyChecker | None = None
+    source: str = ""
+    # One generate() at a time per Pipeline: the modules and their switches are shared state.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.scale_factor
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Pipeline:
+        device = parse_device(device) if device is not None else self.device
+        dtype = parse_dtype(dtype, device) if dtype is not None else self.dtype
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device=device, dtype=dtype)
+        if self.safety_checker is not None:
+            self.safety_checker.to(device=device, dtype=dtype)
+        return self
+
+    def generate(self, prompt=None, **kwargs):
+        from .generate import generate
+
+        return generate(prompt, model=self, **kwargs)
+
+    __call__ = generate
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
+                      clip_skip=None):
+        """diffusers' signature and return: (prompt_embeds, negative_prompt_embeds)."""
+        from .generate import encode_prompt
+
+        return encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                             negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
+
+    @staticmethod
+    def get_guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512,
+                                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Sinusoidal embedding of guidance scales (VDM), for UNets with `time_cond_proj_dim`."""
+        if w.ndim != 1:
+            raise ValueError(f"w: expected a 1-D tensor of guidance scales, got shape {tuple(w.shape)}")
+        w = w * 1000.0
+        half = embedding_dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        emb = w.to(dtype)[:, None] * freqs[None, :]
+        emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+        return torch.nn.functional.pad(emb, (0, embedding_dim % 2))
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+
+def _pipeline_scheduler_config(path: Path) -> SchedulerConfig:
+    """The scheduler config as diffusers' AltDiffusion pipelines fix it up at construction: steps_offset 1
+    and no x0 clipping (outdated hub configs lack both; DDIM would otherwise default to clip_sample=True)."""
+    config = SchedulerConfig.from_json(path)
+    config.steps_offset = 1
+    config.clip_sample = False
+    return config
+
+
+def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, variant: str | None = None,
+         safety_checker: bool | None = True) -> Pipeline:
+    """Load a pipeline from a hub repo id or a diffusers-layout folder. `device` defaults to CUDA when
+    present, `dtype` to fp16 on CUDA and fp32 on CPU; `safety_checker=None`/False skips the checker."""
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
+    want_checker = bool(safety_checker)
+    folder = resolve(source, variant=variant, include_safety_checker=want_checker)
+    index = ModelIndex.from_json(folder / "model_index.json") if (folder / "model_index.json").is_file() \
+        else ModelIndex()
+    for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        if not (folder / part).is_dir():
+            raise ValueError(f"model: {folder} has no {part}/ folder; expected a diffusers-layout AltDiffusion "
+                             "pipeline folder")
+    checker = None
+    if want_checker and index.has("safety_checker") and (folder / "safety_checker").is_dir():
+        checker = load_safety_checker(folder / "safety_checker", folder / "feature_extractor", dtype=dtype,
+                                      device=device, variant=variant)
+    return Pipeline(
+        tokenizer=Tokenizer.from_folder(folder / "tokenizer"),
+        text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, device=device, variant=variant),
+        unet=load_unet(folder / "unet", dtype=dtype, device=device, variant=variant),
+        vae=load_vae(folder / "vae", dtype=dtype, device=device, variant=variant),
+        scheduler_config=_pipeline_scheduler_config(folder / "scheduler" / "scheduler_config.json"),
+        safety_checker=checker,
+        source=str(source),
+    )
