@@ -5,23 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .weights import WEIGHT_NAMES, WeightsError, find_weights
+
 COMPONENTS = ("text_encoder", "unet", "vae", "safety_checker")
 CONFIG_PATTERNS = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
                    "feature_extractor/preprocessor_config.json", "tokenizer/sentencepiece.bpe.model",
                    "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"]
 
 
-def _weights_present(folder: Path, variant: str | None) -> list[str]:
+def _missing_weights(folder: Path, variant: str | None) -> list[str]:
     """Components of a downloaded snapshot that still lack a weights file."""
-    from .weights import WeightsError, find_weights
-
     missing = []
     for comp in COMPONENTS:
         if not (folder / comp).is_dir():
             continue
-        stem = "model" if comp in ("text_encoder", "safety_checker") else "diffusion_pytorch_model"
         try:
-            find_weights(folder / comp, stem, variant)
+            find_weights(folder / comp, variant)
         except WeightsError:
             missing.append(comp)
     return missing
@@ -42,7 +41,7 @@ def resolve(source: str | Path, variant: str | None = None, include_safety_check
     from huggingface_hub import snapshot_download
 
     def fetch(suffix: str) -> Path:
-        stems = ["diffusion_pytorch_model", "model"]
+        stems = [stem for stem, s in WEIGHT_NAMES if s == suffix]
         weights = [f"*/{s}{suffix}" for s in stems]
         if variant:
             weights += [f"*/{s}.{variant}{suffix}" for s in stems]
@@ -53,7 +52,7 @@ def resolve(source: str | Path, variant: str | None = None, include_safety_check
 
     try:
         folder = fetch(".safetensors")
-        if _weights_present(folder, variant):  # repos that only ship pickled weights
+        if _missing_weights(folder, variant):  # repos that only ship pickled weights
             folder = fetch(".bin")
     except Exception as e:
         raise ValueError(f"model: could not get {source!r} from the hub or its cache "

@@ -3,21 +3,22 @@
 Equal to diffusers' `StableDiffusionSafetyChecker` (transformers `CLIPVisionModel` + `visual_projection` +
 cosine scores against 17 concept and 3 special-care embeddings), and `preprocess` equals what the AltDiffusion
 pipeline feeds it: the decoded image turned into uint8 PIL images, then `CLIPImageProcessor` (PIL resize,
-center crop, rescale, normalize), here in torch with PIL's fixed-point resampling reproduced bit for bit.
+center crop, rescale, normalize) done with Pillow and torch, without transformers.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from altdiff.attention import attention
 from altdiff.config import ConfigError, ImageProcessorConfig, SafetyConfig
-from altdiff.weights import WeightsError, load_module, read_state_dict
+from altdiff.weights import find_weights, load_module, read_state_dict
 
 # Older transformers saved CLIP's position ids (an arange) with the weights; we compute them.
 IGNORED_KEYS = ("vision_model.vision_model.embeddings.position_ids",)
@@ -26,6 +27,7 @@ NUM_CONCEPTS = 17
 NUM_SPECIAL_CARE = 3
 # diffusers raises every concept score by this much once any special-care concept scored positive.
 SPECIAL_CARE_ADJUSTMENT = 0.01
+RESAMPLE_FILTERS = {int(f) for f in PIL.Image.Resampling}
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -182,79 +184,6 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-# PIL's resampling filters (Image.Resampling values) as (kernel, support); Pillow's Resample.c.
-def _bilinear(x: torch.Tensor) -> torch.Tensor:
-    x = x.abs()
-    return torch.where(x < 1, 1 - x, 0.0)
-
-
-def _bicubic(x: torch.Tensor) -> torch.Tensor:
-    a = -0.5
-    x = x.abs()
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
-
-
-PIL_FILTERS = {2: (_bilinear, 1.0), 3: (_bicubic, 2.0)}
-_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
-
-
-def _pil_weights(in_size: int, out_size: int, resample: int) -> torch.Tensor:
-    """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` as an (in_size, out_size) float64 matrix of its
-    fixed-point integer weights (scaled by 2**_PRECISION_BITS)."""
-    kernel, support = PIL_FILTERS[resample]
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = support * filterscale
-    taps = math.ceil(support) * 2 + 1
-    center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
-    # C's (int) cast truncates toward zero; clamping to 0 afterwards makes it equal to floor here.
-    first = (center - support + 0.5).floor().clamp(min=0).long()
-    count = (center + support + 0.5).floor().clamp(max=in_size).long() - first
-    offsets = torch.arange(taps)
-    used = offsets[None, :] < count[:, None]
-    w = kernel(((offsets[None, :] + first[:, None]).double() - center[:, None] + 0.5) * (1.0 / filterscale))
-    w = torch.where(used, w, 0.0)
-    total = torch.zeros(out_size, dtype=torch.float64)
-    for j in range(taps):  # summed in C's order so the normalization rounds as Pillow's does
-        total = total + w[:, j]
-    w = torch.where(total[:, None] != 0, w / total[:, None], w)
-    fixed = w * (1 << _PRECISION_BITS)
-    fixed = torch.where(fixed < 0, -(0.5 - fixed).floor(), (fixed + 0.5).floor())
-    index = (first[:, None] + offsets[None, :]).clamp(max=in_size - 1)
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
-    return matrix.scatter_add_(1, index, torch.where(used, fixed, 0.0)).t()
-
-
-def _pil_resample_last_dim(x: torch.Tensor, out_size: int, resample: int) -> torch.Tensor:
-    """One pass of Pillow's 8-bit resampling along the last dim of a float64 image of integers 0..255.
-    float64 keeps the fixed-point sums exact (they stay below 2**31), so a matmul gives Pillow's integers."""
-    acc = x @ _pil_weights(x.shape[-1], out_size, resample) + (1 << (_PRECISION_BITS - 1))
-    return torch.floor(acc / (1 << _PRECISION_BITS)).clamp(0, 255)
-
-
-def pil_resize(x: torch.Tensor, size: tuple[int, int], resample: int = 3) -> torch.Tensor:
-    """`PIL.Image.resize((w, h), resample)` of an 8-bit image given as a float64 CPU tensor (..., H, W) of
-    integers 0..255: two separable passes, each rounded to 8 bits, as Pillow does."""
-    height, width = size
-    in_height, in_width = x.shape[-2:]
-
-    def horizontal(x):
-        return _pil_resample_last_dim(x, width, resample) if width != in_width else x
-
-    def vertical(x):
-        return _pil_resample_last_dim(x.transpose(-1, -2), height, resample).transpose(-1, -2) \
-            if height != in_height else x
-
-    # Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many pixels
-    # as the width (older Pillow always goes horizontal first; the two agree unless an image is more than
-    # about twice as tall as wide). The 8-bit rounding between passes makes the order visible.
-    if 0 < in_height - height and in_height - height > 2 * (in_width - width):
-        return horizontal(vertical(x))
-    return vertical(horizontal(x))
-
-
 def _resize_size(height: int, width: int, target) -> tuple[int, int]:
     # transformers' get_resize_output_image_size with default_to_square=False for a shortest edge.
     if not isinstance(target, int):
@@ -274,15 +203,21 @@ def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def preprocess(images: torch.Tensor, config: ImageProcessorConfig) -> torch.Tensor:
     """Decoded images (B, 3, H, W) in [0, 1] → the float32 CLIP pixel values diffusers' pipeline builds:
     `(x * 255).round()` to uint8 PIL images, then CLIPImageProcessor (PIL resize, center crop, rescale,
-    normalize). Values outside [0, 1] are clamped (diffusers clamps before quantizing). Runs on the CPU, as
-    diffusers does, in float64 (exact for Pillow's fixed-point arithmetic); the result is a CPU tensor."""
+    normalize). Resizing goes through Pillow itself, so it is exact whatever Pillow's version; the result
+    is a CPU tensor."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor, got {_describe(images)}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (batch, 3, height, width), got {tuple(images.shape)}")
-    x = (images.detach().float().cpu().clamp(0, 1) * 255).round().double()
-    if config.do_resize:
-        x = pil_resize(x, _resize_size(x.shape[-2], x.shape[-1], config.resize_to), config.resample)
+    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    resized = []
+    for array in pixels.numpy():
+        img = PIL.Image.fromarray(array)
+        if config.do_resize:
+            height, width = _resize_size(img.height, img.width, config.resize_to)
+            img = img.resize((width, height), resample=config.resample)
+        resized.append(torch.from_numpy(np.asarray(img, dtype=np.float64)).permute(2, 0, 1))
+    x = torch.stack(resized)
     if config.do_center_crop:
         x = _center_crop(x, config.crop_to)
     # transformers rescales in float64 and casts to float32, then normalizes in float32.
@@ -295,23 +230,12 @@ def preprocess(images: torch.Tensor, config: ImageProcessorConfig) -> torch.Tens
 
 
 def _check_processor(processor: ImageProcessorConfig, cfg: SafetyConfig) -> None:
-    if processor.do_resize and processor.resample not in PIL_FILTERS:
+    if processor.do_resize and processor.resample not in RESAMPLE_FILTERS:
         raise ConfigError(f"{processor.source}: resample={processor.resample!r} is not supported "
-                          f"(expected one of {sorted(PIL_FILTERS)}: PIL bilinear, bicubic)")
+                          f"(expected one of {sorted(RESAMPLE_FILTERS)}: a PIL resampling filter)")
     if processor.do_center_crop and processor.crop_to != (cfg.image_size, cfg.image_size):
         raise ConfigError(f"{processor.source}: crop_size={processor.crop_size!r} does not match the checker's "
                           f"image_size={cfg.image_size}")
-
-
-def _weights_file(folder: Path, variant: str | None) -> Path:
-    # transformers names the file model[.variant].safetensors or pytorch_model[.variant].bin; a missing
-    # variant falls back to the plain file, as altdiff.weights.find_weights does.
-    names = [f"model.{variant}.safetensors", f"pytorch_model.{variant}.bin"] if variant else []
-    names += ["model.safetensors", "pytorch_model.bin"]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise WeightsError(f"{folder}: no safety checker weights file (looked for {', '.join(names)})")
 
 
 def load_safety_checker(checker_folder: str | Path, feature_extractor_folder: str | Path,
@@ -322,6 +246,6 @@ def load_safety_checker(checker_folder: str | Path, feature_extractor_folder: st
     cfg = SafetyConfig.from_json(checker_folder / "config.json")
     processor = ImageProcessorConfig.from_json(feature_extractor_folder / "preprocessor_config.json")
     _check_processor(processor, cfg)
-    path = _weights_file(checker_folder, variant)
+    path = find_weights(checker_folder, variant)
     return load_module(lambda: SafetyChecker(cfg, processor), read_state_dict(path), str(path), dtype=dtype,
                        device=device, ignore=IGNORED_KEYS)

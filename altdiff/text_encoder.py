@@ -154,6 +154,6 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype | None = None,
     `model[.variant].safetensors` (or `.bin`)."""
     folder = Path(folder)
     cfg = TextEncoderConfig.from_json(folder / "config.json")
-    path = find_weights(folder, "model", variant)
+    path = find_weights(folder, variant)
     return load_module(lambda: TextEncoder(cfg), read_state_dict(path), str(path), dtype=dtype, device=device,
                        ignore=IGNORED_KEYS)

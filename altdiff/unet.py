@@ -436,5 +436,5 @@ def load_unet(folder: str | Path, dtype: torch.dtype | None = None, device: torc
     """The UNet of a diffusers-layout `unet/` folder: config.json + diffusion_pytorch_model[.variant].*"""
     folder = Path(folder)
     cfg = UNetConfig.from_json(folder / "config.json")
-    path = find_weights(folder, "diffusion_pytorch_model", variant)
+    path = find_weights(folder, variant)
     return load_module(lambda: UNet(cfg), read_state_dict(path), str(path), dtype=dtype, device=device)

@@ -368,6 +368,6 @@ def load_vae(folder: str | Path, dtype: torch.dtype | None = None, device: torch
     """A diffusers-layout VAE folder (`config.json` + `diffusion_pytorch_model[.variant].safetensors|.bin`)."""
     folder = Path(folder)
     cfg = VAEConfig.from_json(folder / "config.json")
-    path = find_weights(folder, "diffusion_pytorch_model", variant)
+    path = find_weights(folder, variant)
     state_dict = rename_legacy_attention_keys(read_state_dict(path))
     return load_module(lambda: AutoencoderKL(cfg), state_dict, str(path), dtype=dtype, device=device)

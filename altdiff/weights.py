@@ -101,15 +101,19 @@ def _tensors_only(obj, path: Path) -> StateDict:
     return obj
 
 
-def find_weights(folder: str | Path, stem: str, variant: str | None = None) -> Path:
-    """The weights file of one diffusers component folder: `{stem}[.{variant}].safetensors`, else `.bin`.
-    A requested variant that is absent falls back to the plain file, as diffusers does."""
+# diffusers saves models as diffusion_pytorch_model.*, transformers (text encoder, safety checker) as
+# model.safetensors / pytorch_model.bin.
+WEIGHT_NAMES = (("diffusion_pytorch_model", ".safetensors"), ("model", ".safetensors"),
+                ("diffusion_pytorch_model", ".bin"), ("pytorch_model", ".bin"))
+
+
+def find_weights(folder: str | Path, variant: str | None = None) -> Path:
+    """The weights file of one component folder, in diffusers' or transformers' naming: safetensors before
+    .bin, the `variant` file (e.g. fp16) before the plain one, which serves when the variant is absent, as
+    in diffusers."""
     folder = Path(folder)
-    names = []
-    for suffix in (".safetensors", ".bin"):
-        if variant:
-            names.append(f"{stem}.{variant}{suffix}")
-        names.append(f"{stem}{suffix}")
+    names = [f"{stem}.{variant}{suffix}" for stem, suffix in WEIGHT_NAMES] if variant else []
+    names += [f"{stem}{suffix}" for stem, suffix in WEIGHT_NAMES]
     for name in names:
         if (folder / name).is_file():
             return folder / name

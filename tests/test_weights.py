@@ -133,10 +133,12 @@ def test_unknown_suffix_and_missing_file(tmp_path):
 
 
 def test_find_weights_prefers_variant_then_safetensors(tmp_path):
+    torch.save({"a": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    assert find_weights(tmp_path).name == "pytorch_model.bin"  # transformers' pickled name
     save_file({"a": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-    assert find_weights(tmp_path, "model").name == "model.safetensors"
-    assert find_weights(tmp_path, "model", "fp16").name == "model.safetensors"
+    assert find_weights(tmp_path).name == "model.safetensors"
+    assert find_weights(tmp_path, "fp16").name == "model.safetensors"  # absent variant: plain file
     save_file({"a": torch.zeros(1)}, str(tmp_path / "model.fp16.safetensors"))
-    assert find_weights(tmp_path, "model", "fp16").name == "model.fp16.safetensors"
+    assert find_weights(tmp_path, "fp16").name == "model.fp16.safetensors"
     with pytest.raises(WeightsError, match="no weights file"):
-        find_weights(tmp_path, "diffusion_pytorch_model")
+        find_weights(tmp_path / "nothing")
