@@ -53,6 +53,9 @@ class Tokenizer:
         self.added_tokens: dict[str, int] = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3,
                                              "<mask>": self.mask_token_id}
         self.special_ids = frozenset(self.added_tokens.values())
+        # Multi-vector textual-inversion tokens: the first token's id → the ids of all its vectors, so that
+        # "tok" in a prompt stands for "tok tok_1 tok_2", as diffusers' maybe_convert_prompt makes it.
+        self.expansions: dict[int, list[int]] = {}
         self._size = self.mask_token_id + 1
         self._update_splitter()
 
@@ -113,7 +116,8 @@ class Tokenizer:
         ids = []
         for i, part in enumerate(parts):
             if i % 2:
-                ids.append(self.added_tokens[part])
+                token_id = self.added_tokens[part]
+                ids.extend(self.expansions.get(token_id, [token_id]))
             elif part:
                 # Each plain chunk is encoded on its own, so sentencepiece adds its "▁" prefix per chunk.
                 ids.extend(self._piece_to_id(p) for p in self.sp.encode(part, out_type=str))

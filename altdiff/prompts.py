@@ -1,0 +1,174 @@
+"""AUTOMATIC1111-style prompts: emphasis `(word:1.2)`, `(word)` = x1.1, `[word]` = /1.1, `\\(` escapes, the
+`BREAK` keyword, and prompts of any length, encoded in 75-token chunks and concatenated along the sequence
+axis, as the webui does (modules/prompt_parser.parse_prompt_attention and
+sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase with its XLM-R subclass).
+
+Each chunk is `<s>` + 75 tokens + `</s>`, padded with `<pad>` after the first `</s>` (the webui's XLM-R
+path), encoded alone; the encoder's output for each token is multiplied by the token's weight and the chunk is
+rescaled to its unweighted mean (the webui's "Original" emphasis). The webui takes that mean over the whole
+batch of prompts; here it is taken per prompt, so an image does not depend on the other prompts of its batch
+(the same thing for a batch of one prompt). Textual-inversion tokens are ordinary tokens here; a multi-vector
+one may straddle a chunk boundary, where the webui would move it whole into the next chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .text_encoder import TextEncoder
+from .tokenizer import Tokenizer
+
+_ATTENTION = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|     # escapes, and a lone backslash
+\(|\[|
+:\s*([+-]?[.\d]+)\s*\)|         # ':1.2)' closes a weighted group
+\)|]|
+[^\\()\[\]:]+|
+:
+""", re.X)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+ROUND, SQUARE = 1.1, 1 / 1.1
+BREAK_WEIGHT = -1.0  # marks the ("BREAK", -1) entries of a parse
+COMMA_BACKTRACK = 20  # the webui's comma_padding_backtrack default
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """(text, weight) runs of a prompt, with ("BREAK", -1.0) where a chunk must end; unclosed brackets
+    apply to the end of the prompt, adjacent runs of equal weight merge. A1111's own examples:
+    'a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).' → [('a ', 1.0), ('house', 1.573), (' ', 1.1),
+    ('on', 1.0), (' a ', 1.1), ('hill', 0.55), (', sun, ', 1.1), ('sky', 1.4641), ('.', 1.1)]."""
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for item in res[start:]:
+            item[1] *= factor
+
+    for m in _ATTENTION.finditer(text):
+        part, weight = m.group(0), m.group(1)
+        if part.startswith("\\"):
+            res.append([part[1:], 1.0])
+        elif part == "(":
+            round_open.append(len(res))
+        elif part == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise ValueError(f"prompt: {weight!r} is not a number, in {part!r} of {text!r}") from None
+            multiply(round_open.pop(), factor)
+        elif part == ")" and round_open:
+            multiply(round_open.pop(), ROUND)
+        elif part == "]" and square_open:
+            multiply(square_open.pop(), SQUARE)
+        else:
+            for i, piece in enumerate(_BREAK.split(part)):
+                if i:
+                    res.append(["BREAK", BREAK_WEIGHT])
+                res.append([piece, 1.0])
+    for start in round_open:
+        multiply(start, ROUND)
+    for start in square_open:
+        multiply(start, SQUARE)
+    if not res:
+        res = [["", 1.0]]
+    merged = [res[0]]
+    for item in res[1:]:
+        if item[1] == merged[-1][1]:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return [(t, w) for t, w in merged]
+
+
+@dataclass
+class Chunk:
+    """One encoder call's worth: `chunk_length + 2` token ids and their weights."""
+
+    ids: list[int]
+    weights: list[float]
+
+
+def tokenize_chunks(tokenizer: Tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+    """Split a prompt into chunks of `model_max_length - 2` tokens (75): a chunk ends at BREAK, or when full;
+    a full chunk whose last comma is at most `comma_backtrack` tokens back is cut after that comma and the
+    rest moves to the next chunk."""
+    size = tokenizer.model_max_length - 2
+    comma = tokenizer.sp.PieceToId(",")
+    comma_id = comma + tokenizer.fairseq_offset if comma else None
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close(ids: list[int], weights: list[float]) -> None:
+        nonlocal last_comma
+        pad = size - len(ids)
+        chunks.append(Chunk([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+                            + [tokenizer.pad_token_id] * pad, [1.0, *weights] + [1.0] * (pad + 1)))
+        last_comma = -1
+
+    for piece, weight in parse_prompt_attention(text):
+        if piece == "BREAK" and weight == BREAK_WEIGHT:
+            close(ids, weights)
+            ids, weights = [], []
+            continue
+        for token in tokenizer.encode(piece):
+            if token == comma_id:
+                last_comma = len(ids)
+            elif len(ids) == size and 0 <= last_comma and len(ids) - last_comma <= comma_backtrack:
+                cut = last_comma + 1
+                close(ids[:cut], weights[:cut])
+                ids, weights = ids[cut:], weights[cut:]
+            if len(ids) == size:
+                close(ids, weights)
+                ids, weights = [], []
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close(ids, weights)
+    return chunks
+
+
+def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Multiply each token's state by its weight, then restore each prompt's mean (A1111 "Original")."""
+    original_mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights[:, :, None]
+    return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+
+
+def encode(tokenizer: Tokenizer, text_encoder: TextEncoder, texts: list[str], device: torch.device,
+           clip_skip: int | None = None) -> torch.Tensor:
+    """[len(texts), chunks * model_max_length, width]: every prompt's chunks, encoded and emphasized; prompts
+    with fewer chunks are filled with empty ones (`<s></s>` and padding), as the webui does."""
+    batch = [tokenize_chunks(tokenizer, t) for t in texts]
+    empty = tokenize_chunks(tokenizer, "")[0]
+    states = []
+    for i in range(max(len(chunks) for chunks in batch)):
+        chunks = [c[i] if i < len(c) else empty for c in batch]
+        ids = torch.tensor([c.ids for c in chunks], device=device)
+        weights = torch.tensor([c.weights for c in chunks], device=device, dtype=text_encoder.dtype)
+        mask = ids.ne(tokenizer.pad_token_id).long() if text_encoder.config.use_attention_mask else None
+        states.append(emphasize(text_encoder(ids, attention_mask=mask, clip_skip=clip_skip), weights))
+    return torch.cat(states, dim=1)
+
+
+def pad_to_same_length(a: torch.Tensor, b: torch.Tensor,
+                       empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give the shorter of two encodings (a prompt and its negative) extra chunks of `empty`, the encoded
+    empty prompt [1, chunk, width], as the webui pads cond / uncond."""
+    length = max(a.shape[1], b.shape[1])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        missing = length - x.shape[1]
+        if missing % empty.shape[1]:
+            raise ValueError(f"prompt_embeds/negative_prompt_embeds: lengths {a.shape[1]} and "
+                             f"{b.shape[1]} are not whole {empty.shape[1]}-token chunks; cannot pad to match")
+        return torch.cat([x, empty.to(x).expand(x.shape[0], -1, -1).repeat(1, missing // empty.shape[1], 1)],
+                         dim=1)
+    return pad(a), pad(b)
