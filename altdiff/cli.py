@@ -15,7 +15,8 @@ SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.")
+    p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.",
+                                epilog="Many prompts: altdiff batch requests.jsonl --out DIR (altdiff batch -h).")
     p.add_argument("prompt", help="the prompt, in any of the model's languages")
     p.add_argument("-n", "--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50)
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path; %%d is replaced by the next free number (never overwrites)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing file without %%d")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--a1111-prompts", action="store_true",
+                   help="read prompts as the AUTOMATIC1111 webui: (word:1.2) emphasis, BREAK, no 75-token limit")
     return p
 
 
@@ -59,6 +62,16 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
     return paths
 
 
+def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: int, sampler: str,
+                   cfg_scale: float, seed: int, model: str, strength: float | None = None,
+                   nsfw: bool = False) -> str:
+    """The infotext of one generated image, as the CLI and `altdiff batch` write it."""
+    params = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": cfg_scale,
+              "Seed": seed, "Size": f"{image.width}x{image.height}", "Model": Path(str(model)).name,
+              "Denoising strength": strength, "NSFW": True if nsfw else None}
+    return format_infotext(prompt, negative_prompt, params)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "batch_count"):
         if getattr(args, name) < 1:
@@ -68,6 +81,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch"]:  # `altdiff -- batch` still makes an image of the word "batch"
+        from .batch import main as batch_main
+
+        return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
@@ -96,15 +114,13 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
                           num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
                           height=None if init else args.height, width=None if init else args.width,
                           num_images_per_prompt=args.batch_size, seed=seeds, sampler=sampler, image=init,
-                          strength=args.strength, progress=not args.quiet)
+                          strength=args.strength, progress=not args.quiet, a1111_prompts=args.a1111_prompts)
         for j, img in enumerate(result.images):
-            params = {"Steps": args.steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler),
-                      "CFG scale": args.cfg_scale, "Seed": seeds[j], "Size": f"{img.width}x{img.height}",
-                      "Model": Path(str(model)).name,
-                      "Denoising strength": args.strength if init is not None else None,
-                      "NSFW": True if result.nsfw_content_detected and result.nsfw_content_detected[j] else None}
-            path = save_png(img, next(written), format_infotext(args.prompt, args.negative_prompt, params))
-            print(path)
+            nsfw = bool(result.nsfw_content_detected and result.nsfw_content_detected[j])
+            text = image_infotext(img, args.prompt, args.negative_prompt, steps=args.steps, sampler=sampler,
+                                  cfg_scale=args.cfg_scale, seed=seeds[j], model=model,
+                                  strength=args.strength if init is not None else None, nsfw=nsfw)
+            print(save_png(img, next(written), text))
     return 0
 
 

@@ -17,7 +17,9 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .images import ImageInput, postprocess, preprocess
+from . import prompts
+from .adapters import text_encoder_scale
+from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .noise import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .samplers import get_sampler
@@ -59,19 +61,25 @@ def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, gu
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
-def _embed(pipe: Pipeline, texts: list[str], device, max_length: int, clip_skip: int | None) -> torch.Tensor:
-    tokens = pipe.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)
-    mask = tokens["attention_mask"].to(device) if pipe.text_encoder.config.use_attention_mask else None
-    return pipe.text_encoder(tokens["input_ids"].to(device), attention_mask=mask, clip_skip=clip_skip)
+def _embed(pipe: Pipeline, texts: list[str], device, max_length: int, clip_skip: int | None,
+           lora_scale: float | None = None, a1111_prompts: bool = False) -> torch.Tensor:
+    with text_encoder_scale(pipe, lora_scale):
+        if a1111_prompts:
+            return prompts.encode(pipe.tokenizer, pipe.text_encoder, texts, device, clip_skip)
+        tokens = pipe.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)
+        mask = tokens["attention_mask"].to(device) if pipe.text_encoder.config.use_attention_mask else None
+        return pipe.text_encoder(tokens["input_ids"].to(device), attention_mask=mask, clip_skip=clip_skip)
 
 
 def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
                   negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
                   negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None,
-                  clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  clip_skip: int | None = None, *, a1111_prompts: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """diffusers' encode_prompt: (prompt_embeds, negative_prompt_embeds), each repeated per image.
-    `lora_scale` is accepted for signature compatibility; LoRA scaling reaches the text encoder through
-    `cross_attention_kwargs` once adapters are loaded."""
+    `lora_scale` scales the text encoder's LoRA adapters (diffusers: cross_attention_kwargs["scale"]).
+    `a1111_prompts` reads (word:1.2) emphasis and BREAK and encodes long prompts in 75-token chunks instead
+    of truncating (altdiff.prompts); prompt and negative prompt are padded to the same number of chunks."""
     device = torch.device(device)
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -80,9 +88,9 @@ def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do
     max_length = pipe.tokenizer.model_max_length
     if prompt_embeds is None:
         for text in prompt:
-            if len(pipe.tokenizer.encode(text)) + 2 > max_length:
+            if not a1111_prompts and len(pipe.tokenizer.encode(text)) + 2 > max_length:
                 logger.warning("prompt truncated to %d tokens: %r", max_length, text)
-        prompt_embeds = _embed(pipe, prompt, device, max_length, clip_skip)
+        prompt_embeds = _embed(pipe, prompt, device, max_length, clip_skip, lora_scale, a1111_prompts)
     prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
     bs, seq_len, _ = prompt_embeds.shape
     prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs * num_images_per_prompt, seq_len, -1)
@@ -95,7 +103,12 @@ def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do
         else:
             uncond = list(negative_prompt)
         # diffusers encodes the negative prompt without clip_skip.
-        negative_prompt_embeds = _embed(pipe, uncond, device, prompt_embeds.shape[1], None)
+        negative_prompt_embeds = _embed(pipe, uncond, device, prompt_embeds.shape[1], None, lora_scale,
+                                        a1111_prompts)
+    if do_classifier_free_guidance and a1111_prompts and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+        empty = _embed(pipe, [""], device, max_length, None, lora_scale, a1111_prompts)
+        prompt_embeds, negative_prompt_embeds = prompts.pad_to_same_length(prompt_embeds, negative_prompt_embeds,
+                                                                           empty)
     if do_classifier_free_guidance:
         seq_len = negative_prompt_embeds.shape[1]
         negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
@@ -106,6 +119,16 @@ def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_unicode(name: str, texts: list[str]) -> None:
+    # Lone surrogates (what Python makes of undecodable bytes in argv or files) cannot reach sentencepiece.
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name}: not valid Unicode text ({e.reason} at position {e.start}); "
+                             "decode bytes as UTF-8 first") from None
 
 
 def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
@@ -121,6 +144,7 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         texts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"prompt: expected a str or a non-empty list of str, got {type(prompt).__name__}")
+        _check_unicode("prompt", texts)
         batch_size = len(texts)
     else:
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
@@ -141,6 +165,8 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         elif not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt: expected a str or a list of str, got "
                             f"{type(negative_prompt).__name__}")
+        _check_unicode("negative_prompt", [negative_prompt] if isinstance(negative_prompt, str)
+                       else negative_prompt)
     if prompt_embeds is not None and negative_prompt_embeds is not None and (
             prompt_embeds.shape != negative_prompt_embeds.shape):
         raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} must equal "
@@ -229,10 +255,12 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
              cross_attention_kwargs: dict | None = None, guidance_rescale: float = 0.0,
              clip_skip: int | None = None, sampler: str | None = None,
-             callback: Callable | None = None, callback_steps: int | None = None, progress: bool = True):
+             callback: Callable | None = None, callback_steps: int | None = None, progress: bool = True,
+             a1111_prompts: bool = False):
     """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
     pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
-    per image) makes CPU generators, `progress` shows a tqdm bar."""
+    per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
+    AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts)."""
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
@@ -250,12 +278,19 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     else:
         height = height or unet_cfg.sample_size * factor
         width = width or unet_cfg.sample_size * factor
+        if height * width > MAX_IMAGE_PIXELS:
+            raise ValueError(f"height/width: {width}x{height} is larger than the {MAX_IMAGE_PIXELS} pixels allowed")
         shape = (total, unet_cfg.in_channels, height // factor, width // factor)
         if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
             raise ValueError(f"latents: expected a tensor of shape {shape}, got "
                              f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
+        if latents is not None and not latents.is_floating_point():
+            raise ValueError(f"latents: expected a floating-point tensor, got {latents.dtype}")
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("latents: contain NaN or inf")
+    if prompt_embeds is not None and prompt_embeds.shape[-1] != unet_cfg.cross_attention_dim:
+        raise ValueError(f"prompt_embeds: width {prompt_embeds.shape[-1]} does not match the model's "
+                         f"cross_attention_dim {unet_cfg.cross_attention_dim}")
     schedule = make_schedule(sampler, pipe.scheduler_config, num_inference_steps, device=pipe.device)
     steps = num_inference_steps
     if image is not None:
@@ -268,7 +303,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds = encode_prompt(
             pipe, prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, lora_scale, clip_skip)
+            negative_prompt_embeds, lora_scale, clip_skip, a1111_prompts=a1111_prompts)
         dtype = prompt_embeds.dtype
         state = {"prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
                  "negative_prompt_embeds": negative_prompt_embeds}
@@ -276,7 +311,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         if image is None:
             if latents is None:
                 latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            latents = latents.to(device) * schedule.init_noise_sigma
+            latents = latents.to(device=device, dtype=dtype) * schedule.init_noise_sigma
         else:
             init = _image_latents(pipe, init_image, total, generator, device, dtype)
             noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)

@@ -53,6 +53,12 @@ def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
+def _check_same_shape(images: list) -> None:
+    shapes = {tuple(i.shape) for i in images}
+    if len(shapes) > 1:
+        raise ValueError(f"image: a list must hold images of one size, got shapes {sorted(shapes)}")
+
+
 def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> torch.Tensor:
     """Like diffusers' VaeImageProcessor.preprocess: PIL (resized down to a multiple of `scale_factor`,
     Lanczos), numpy HWC/BHWC in [0, 1] and torch BCHW in [0, 1] (or [-1, 1]) become a float32 BCHW tensor in
@@ -76,6 +82,7 @@ def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> to
     elif isinstance(first, np.ndarray):
         if not all(isinstance(i, np.ndarray) for i in images):
             raise TypeError("image: a list must hold one kind of image")
+        _check_same_shape(images)
         arr = np.concatenate(images) if first.ndim == 4 else np.stack(images)
         if arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"image: numpy images must be HxWx3 or BxHxWx3, got shape {tuple(first.shape)}")
@@ -83,6 +90,7 @@ def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> to
     elif isinstance(first, torch.Tensor):
         if not all(isinstance(i, torch.Tensor) for i in images):
             raise TypeError("image: a list must hold one kind of image")
+        _check_same_shape(images)
         tensor = torch.cat(images) if first.ndim == 4 else torch.stack(images)
         if tensor.ndim != 4:
             raise ValueError(f"image: tensors must be CxHxW or BxCxHxW, got shape {tuple(first.shape)}")
@@ -97,6 +105,8 @@ def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> to
         raise ValueError(f"image: expected 3 colour channels (or {latent_channels} latent channels), got "
                          f"{tensor.shape[1]}")
     h, w = tensor.shape[-2:]
+    if h < scale_factor or w < scale_factor:
+        raise ValueError(f"image: {w}x{h} is smaller than {scale_factor} pixels")
     if h % scale_factor or w % scale_factor:
         # diffusers resizes tensors and arrays with nearest interpolation down to the multiple.
         tensor = torch.nn.functional.interpolate(tensor, size=(h - h % scale_factor, w - w % scale_factor))

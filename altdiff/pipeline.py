@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from .config import ModelIndex, SchedulerConfig
 from .hub import resolve
 from .safety import SafetyChecker, load_safety_checker
+from .single_file import is_single_file, load_single_file
 from .text_encoder import TextEncoder, load_text_encoder
 from .tokenizer import Tokenizer
 from .unet import UNet, load_unet
@@ -60,6 +62,8 @@ class Pipeline:
     source: str = ""
     # One generate() at a time per Pipeline: the modules and their switches are shared state.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # LoRA adapters (hooks on the UNet and text encoder), set by load_lora_weights.
+    lora: adapters.LoraState | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -91,12 +95,13 @@ class Pipeline:
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
-                      clip_skip=None):
+                      clip_skip=None, *, a1111_prompts: bool = False):
         """diffusers' signature and return: (prompt_embeds, negative_prompt_embeds)."""
         from .generate import encode_prompt
 
         return encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                             negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
+                             negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
+                             a1111_prompts=a1111_prompts)
 
     @staticmethod
     def get_guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512,
@@ -129,11 +134,41 @@ class Pipeline:
     def disable_vae_tiling(self) -> None:
         self.vae.disable_tiling()
 
+    def load_lora_weights(self, path_or_repo: str | Path, adapter_name: str | None = None, weight: float = 1.0,
+                          strict: bool = True, weight_name: str | None = None) -> str:
+        """Add a LoRA (kohya/A1111 or diffusers/PEFT file) as an active adapter; returns its name."""
+        return adapters.load_lora_weights(self, path_or_repo, adapter_name, weight, strict, weight_name)
 
-def _pipeline_scheduler_config(path: Path) -> SchedulerConfig:
+    def save_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> Path:
+        return adapters.save_lora_weights(self, path, adapter_name)
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        adapters.set_adapters(self, adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        adapters.fuse_lora(self, lora_scale)
+
+    def unfuse_lora(self) -> None:
+        adapters.unfuse_lora(self)
+
+    def enable_lora(self) -> None:
+        adapters.enable_lora(self, True)
+
+    def disable_lora(self) -> None:
+        adapters.enable_lora(self, False)
+
+    def unload_lora_weights(self) -> None:
+        adapters.unload_lora_weights(self)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); returns the
+        new tokens."""
+        return adapters.load_textual_inversion(self, path, token)
+
+
+def _pipeline_scheduler_config(config: SchedulerConfig) -> SchedulerConfig:
     """The scheduler config as diffusers' AltDiffusion pipelines fix it up at construction: steps_offset 1
     and no x0 clipping (outdated hub configs lack both; DDIM would otherwise default to clip_sample=True)."""
-    config = SchedulerConfig.from_json(path)
     config.steps_offset = 1
     config.clip_sample = False
     return config
@@ -141,11 +176,23 @@ def _pipeline_scheduler_config(path: Path) -> SchedulerConfig:
 
 def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, variant: str | None = None,
-         safety_checker: bool | None = True) -> Pipeline:
-    """Load a pipeline from a hub repo id or a diffusers-layout folder. `device` defaults to CUDA when
-    present, `dtype` to fp16 on CUDA and fp32 on CPU; `safety_checker=None`/False skips the checker."""
+         safety_checker: bool | str | Path | None = True, tokenizer: str | Path | None = None,
+         config: dict | None = None) -> Pipeline:
+    """Load a pipeline from a hub repo id, a diffusers-layout folder or an original single file
+    (.safetensors/.ckpt). `device` defaults to CUDA when present, `dtype` to fp16 on CUDA and fp32 on CPU;
+    `safety_checker=None`/False skips the checker. For a single file, `tokenizer` and `safety_checker` (a
+    folder or hub repo id) fill what the file lacks (default: the BAAI repo of the detected m9/m18) and
+    `config` sets what its shapes cannot tell (see `altdiff.single_file.Options`)."""
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
+    if is_single_file(source):
+        parts = load_single_file(source, dtype=dtype, device=device, tokenizer=tokenizer,
+                                 safety_checker=safety_checker, config=config)
+        parts["scheduler_config"] = _pipeline_scheduler_config(parts["scheduler_config"])
+        return Pipeline(**parts, source=str(source))
+    if tokenizer is not None or config is not None:
+        raise ValueError("tokenizer/config: only a single-file source takes them; a folder or hub repo carries "
+                         "its own")
     want_checker = bool(safety_checker)
     folder = resolve(source, variant=variant, include_safety_checker=want_checker)
     index = ModelIndex.from_json(folder / "model_index.json") if (folder / "model_index.json").is_file() \
@@ -163,7 +210,8 @@ def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None =
         text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, device=device, variant=variant),
         unet=load_unet(folder / "unet", dtype=dtype, device=device, variant=variant),
         vae=load_vae(folder / "vae", dtype=dtype, device=device, variant=variant),
-        scheduler_config=_pipeline_scheduler_config(folder / "scheduler" / "scheduler_config.json"),
+        scheduler_config=_pipeline_scheduler_config(
+            SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")),
         safety_checker=checker,
         source=str(source),
     )

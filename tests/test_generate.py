@@ -48,6 +48,7 @@ def to_uint8(images):
 def assert_same_images(alt, ref, levels=1):
     assert alt.shape == ref.shape
     diff = np.abs(to_uint8(alt) - to_uint8(ref)).max()
+    print(f"max image difference vs diffusers: {diff:.0f} uint8 levels")
     assert diff <= levels, f"images differ by {diff} uint8 levels"
     return diff
 
