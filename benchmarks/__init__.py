@@ -1,0 +1,1 @@
+"""altdiff against diffusers, block by block: `python -m benchmarks --help`. Needs the `bench` extra."""

@@ -1,0 +1,50 @@
+"""Smoke test of the benchmark harness (`python -m benchmarks`) on the tiny m9 pipeline, so it cannot rot.
+No timing assertions: only that every block runs for both libraries, that the table and JSON are written, and
+that both libraries computed the same thing (which fails if either side loads or runs the wrong model)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the benchmarks package
+
+pytest.importorskip("psutil")
+from benchmarks.__main__ import ALL_BLOCKS, main  # noqa: E402
+
+TINY = ["--device", "cpu", "--size", "32", "--steps", "2", "--tiled-size", "64", "--tile", "32", "--repeats", "1"]
+
+
+def test_harness_runs_every_block_on_the_tiny_model(m9_folder, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = main(["--folder", str(m9_folder), "--json", str(out), *TINY])
+    table = capsys.readouterr().out
+
+    blocks = [r.block for r in results]
+    assert blocks == ["load", "first e2e, fresh process", "tokenizer", "text encoder", "UNet step", "VAE decode",
+                      "VAE encode", "VAE tiled decode", "safety checker", "sampler overhead", "end to end"]
+    for r in results:
+        assert set(r.times) == {"altdiff", "diffusers"}
+        assert all(len(t) == 1 and t[0] > 0 for t in r.times.values()), r.block
+        assert r.ratio is not None and r.ratio > 0
+        assert f"| {r.block} |" in table
+    errors = {r.block: r.error for r in results if r.error is not None}
+    assert errors["safety checker"] == 0  # same NSFW flags
+    assert errors["end to end"] <= 1  # uint8 levels
+    assert max(v for k, v in errors.items() if k not in ("safety checker", "end to end")) < 1e-4
+
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert [row["block"] for row in saved["results"]] == blocks
+    assert saved["settings"]["dtype"] == "fp32" and saved["settings"]["size"] == 32
+
+
+def test_block_selection_and_argument_errors(m9_folder, capsys):
+    results = main(["--folder", str(m9_folder), "--blocks", "sampler", *TINY])
+    assert [r.block for r in results] == ["sampler overhead"]
+    assert "load" in ALL_BLOCKS
+    for bad in (["--blocks", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--dtype", "int8"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--folder", str(m9_folder), *bad])
+        assert e.value.code == 2
+    assert "--repeats must be a positive int" in capsys.readouterr().err
