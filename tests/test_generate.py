@@ -231,6 +231,17 @@ def test_callback_on_step_end_sees_every_step_and_changes_latents(ref_pipes, alt
     assert np.abs(to_uint8(plain.images) - to_uint8(alt.images)).max() > 1
 
 
+def test_legacy_callback_and_callback_steps_match_diffusers(ref_pipes, alt_pipes):
+    ref_log, alt_log = [], []
+    ref_pipes()(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="np", callback_steps=2,
+                callback=lambda i, t, latents: ref_log.append((i, int(t), latents.sum().item())))
+    alt_pipes["m9"].generate(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="np",
+                             callback_steps=2, progress=False,
+                             callback=lambda i, t, latents: alt_log.append((i, int(t), latents.sum().item())))
+    assert [e[:2] for e in alt_log] == [e[:2] for e in ref_log] and len(ref_log) >= 2
+    assert np.allclose([e[2] for e in alt_log], [e[2] for e in ref_log], rtol=1e-5)
+
+
 def test_callback_returning_nan_latents_is_an_error(alt_pipes):
     def poison(pipe, i, t, kwargs):
         return {"latents": torch.full_like(kwargs["latents"], float("nan"))}
