@@ -29,7 +29,7 @@ from .schedules import sampler_for_config
 
 REQUEST_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "seed",
                 "sampler", "model", "eta", "guidance_rescale", "clip_skip", "num_images_per_prompt", "image",
-                "strength")
+                "strength", "a1111_prompts")
 ALIASES = {"steps": "num_inference_steps"}  # the CLI's name, as in the example lines
 PER_IMAGE_KEYS = ("prompt", "negative_prompt", "seed")  # the only arguments that may differ inside one batch
 MANIFEST = "manifest.jsonl"

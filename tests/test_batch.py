@@ -36,7 +36,7 @@ def count_generate_calls(monkeypatch):
 
 
 GOOD = [
-    {"prompt": "a cat wearing a hat", "seed": 1, "steps": STEPS},
+    {"prompt": "a (cat:1.3) wearing a hat BREAK [blurry]", "a1111_prompts": True, "seed": 1, "steps": STEPS},
     {"prompt": "一只戴着帽子的猫", "negative_prompt": "低质量", "seed": 2, "num_inference_steps": STEPS,
      "guidance_scale": 6.5, "sampler": "ddim"},
     {"prompt": "beautiful landscape", "num_inference_steps": STEPS, "num_images_per_prompt": 2},
