@@ -8,6 +8,12 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*accelerate.*")
 
+# CI draws the property-test examples from a fixed seed, so a landing never depends on a lucky draw; local
+# runs keep exploring new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 @pytest.fixture(autouse=True)
 def _fp32_determinism():
