@@ -1,10 +1,12 @@
 """Session-scoped tiny pipelines, built once by diffusers (the oracle) and saved in diffusers layout."""
 
+import os
 import warnings
 
 import pytest
 import tiny
 import torch
+from hypothesis import settings
 
 warnings.filterwarnings("ignore", message=".*accelerate.*")
 
