@@ -18,27 +18,11 @@ from torch import nn
 from .attention import attention
 from .config import VAEConfig
 from .noise import Generator, randn_tensor
+from .resnet import Downsample, ResnetBlock, Upsample
 from .weights import StateDict, find_weights, load_module, read_state_dict
 
 # diffusers builds every VAE resnet, norm and attention with this epsilon.
 EPS = 1e-6
-
-
-class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
 
 
 class Attention(nn.Module):
@@ -65,7 +49,7 @@ class Attention(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, None, groups, EPS) for _ in range(2)])
         self.attentions = nn.ModuleList([Attention(channels, groups)] if add_attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,31 +59,12 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The encoder's downsample_padding=0 makes diffusers pad right/bottom only (LDM's asymmetric pad).
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class DownEncoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, None, groups, EPS)
                                       for i in range(layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -110,9 +75,9 @@ class DownEncoderBlock2D(nn.Module):
 class UpDecoderBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, None, groups, EPS)
                                       for i in range(layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
