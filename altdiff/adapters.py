@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_path
 from .text_encoder import IGNORED_KEYS
 from .weights import WeightsError, read_state_dict
 
@@ -444,15 +443,8 @@ def save_lora_weights(pipe: Pipeline, path: str | Path, adapter_name: str | None
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / LORA_FILE_NAMES[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return path
 
 

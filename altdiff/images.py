@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,8 @@ import numpy as np
 import PIL.Image
 import torch
 from PIL.PngImagePlugin import PngInfo
+
+from .atomic import atomic_path
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence
 
@@ -168,19 +168,12 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = None) -> Path:
     """Write a PNG atomically (temp file in the same folder, then rename) with the infotext as a UTF-8
     iTXt "parameters" chunk, so CJK and Arabic prompts survive."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     if infotext is not None:
         info.add_itxt("parameters", infotext)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
