@@ -29,7 +29,15 @@ from .text_encoder import TextEncoder
 from .tokenizer import MODEL_FILE, Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL, rename_legacy_attention_keys
-from .weights import StateDict, WeightsError, check_state_dict, find_weights, load_module, read_state_dict
+from .weights import (
+    StateDict,
+    WeightsError,
+    cast_floating,
+    check_state_dict,
+    find_weights,
+    load_module,
+    read_state_dict,
+)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 ARCHITECTURES = ("m9", "m18")
@@ -368,12 +376,8 @@ class Conversion:
             for (_, key, block), (_, tensor) in bar:
                 if block.conv_as_linear and tensor.ndim > 2:
                     tensor = tensor.flatten(1)
-                out[key] = _cast(tensor, dtype)
+                out[key] = cast_floating(tensor, dtype)
             yield component, out
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _apply_overrides(config: dict, overrides: dict, cls, component: str) -> dict:
@@ -490,7 +494,7 @@ def to_original_state_dict(folder: str | Path, dtype: torch.dtype | None = None,
             ldm_key, block = renamed
             if block.conv_as_linear and tensor.ndim == 2:
                 tensor = tensor[:, :, None, None]
-            out[ldm_key] = _cast(tensor, dtype)
+            out[ldm_key] = cast_floating(tensor, dtype)
         if unmapped:
             raise WeightsError(f"{folder / component}: {len(unmapped)} tensors have no place in the original "
                                f"layout (first: {unmapped[:5]})")

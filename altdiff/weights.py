@@ -139,6 +139,11 @@ def check_state_dict(model: nn.Module, state_dict: StateDict, source: str) -> No
         raise WeightsError(f"{source}: weights do not fit {type(model).__name__}; " + "; ".join(problems))
 
 
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` when it is floating point; integer tensors and dtype None leave it as it is."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def load_module(build: Callable[[], M], state_dict: StateDict, source: str, *,
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 ignore: Iterable[str] = ()) -> M:
@@ -154,8 +159,7 @@ def load_module(build: Callable[[], M], state_dict: StateDict, source: str, *,
     check_state_dict(model, state_dict, source)
     converted = {}
     for k, v in state_dict.items():
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
+        v = cast_floating(v, dtype)
         converted[k] = v.to(device) if device is not None else v
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)

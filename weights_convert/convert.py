@@ -27,7 +27,14 @@ from altdiff.single_file import (
     tokenizer_folder,
 )
 from altdiff.tokenizer import MODEL_FILE, Tokenizer
-from altdiff.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDict, WeightsError, find_weights
+from altdiff.weights import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    StateDict,
+    WeightsError,
+    cast_floating,
+    find_weights,
+)
 
 WEIGHT_FILES = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
 TOKENIZER_FILES = (MODEL_FILE, "tokenizer_config.json", "special_tokens_map.json")
@@ -69,12 +76,6 @@ def _save(state_dict: StateDict, path: Path) -> None:
 def _write_json(data: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _cast(state_dict: StateDict, dtype: torch.dtype | None) -> StateDict:
-    if dtype is None:
-        return state_dict
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
@@ -133,7 +134,8 @@ def _rewrite_component(folder: Path, dest: Path, dtype: torch.dtype | None) -> N
             shutil.copy(path, dest / path.name)
     name = "model.safetensors" if find_weights(folder).name.startswith(("model.", "pytorch_model.")) \
         else "diffusion_pytorch_model.safetensors"
-    _save(_cast(read_component(folder.parent, folder.name), dtype), dest / name)
+    state_dict = read_component(folder.parent, folder.name)
+    _save({k: cast_floating(v, dtype) for k, v in state_dict.items()}, dest / name)
 
 
 def _rewrite_folder(src: Path, out: Path, dtype: torch.dtype | None, progress: bool) -> Path:
