@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .cli import image_infotext
+from .cli import add_runtime_options, image_infotext
 from .generate import generate
 from .images import open_image, save_png
 from .pipeline import DEFAULT_MODEL, Pipeline, load
@@ -296,9 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the PNGs and manifest.jsonl")
     p.add_argument("--model", default=None, help="model for requests that name none "
                    f"(default {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
+    add_runtime_options(p)
     p.add_argument("--batch-size", type=int, default=1,
                    help="requests per UNet batch when only prompt, negative prompt and seed differ (images may "
                         "then differ from single runs by one uint8 level)")

@@ -14,6 +14,13 @@ SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler"
                   "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
 
 
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --no-safety-checker: how a model is loaded, for `altdiff` and `altdiff batch`."""
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.",
                                 epilog="Many prompts: altdiff batch requests.jsonl --out DIR (altdiff batch -h).")
@@ -31,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
     p.add_argument("--model", default=None, help="hub repo id or diffusers folder (default BAAI/AltDiffusion-m9)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
+    add_runtime_options(p)
     p.add_argument("-o", "--output", default="out-%d.png",
                    help="output path; %%d is replaced by the next free number (never overwrites)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing file without %%d")
