@@ -281,13 +281,14 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         if height * width > MAX_IMAGE_PIXELS:
             raise ValueError(f"height/width: {width}x{height} is larger than the {MAX_IMAGE_PIXELS} pixels allowed")
         shape = (total, unet_cfg.in_channels, height // factor, width // factor)
-        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
-            raise ValueError(f"latents: expected a tensor of shape {shape}, got "
-                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
-        if latents is not None and not latents.is_floating_point():
-            raise ValueError(f"latents: expected a floating-point tensor, got {latents.dtype}")
-        if latents is not None and not torch.isfinite(latents).all():
-            raise ValueError("latents: contain NaN or inf")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                raise ValueError(f"latents: expected a tensor of shape {shape}, got "
+                                 f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
+            if not latents.is_floating_point():
+                raise ValueError(f"latents: expected a floating-point tensor, got {latents.dtype}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents: contain NaN or inf")
     if prompt_embeds is not None and prompt_embeds.shape[-1] != unet_cfg.cross_attention_dim:
         raise ValueError(f"prompt_embeds: width {prompt_embeds.shape[-1]} does not match the model's "
                          f"cross_attention_dim {unet_cfg.cross_attention_dim}")
