@@ -151,9 +151,9 @@ class Runner:
     on batches of serialized jobs; pipelines are loaded on first use and kept."""
 
     def __init__(self, out: str | Path, device: str | None = None, dtype: str | None = None,
-                 safety_checker: bool = True):
+                 safety_checker: bool = True, compile: bool = False):
         self.out = Path(out)
-        self.load_kwargs = {"device": device, "dtype": dtype, "safety_checker": safety_checker}
+        self.load_kwargs = {"device": device, "dtype": dtype, "safety_checker": safety_checker, "compile": compile}
         self.pipes: dict[str, Pipeline] = {}
 
     def pipe(self, source: str | None) -> Pipeline:
@@ -247,8 +247,9 @@ def _write_manifest(path: Path, entries: list[dict]) -> None:
 
 
 def run(requests_file: str | Path, out: str | Path, *, model: str | None = None, device: str | None = None,
-        dtype: str | None = None, safety_checker: bool = True, batch_size: int = 1, use_ray: bool = False,
-        concurrency: int = 1, num_gpus_per_worker: float = 1.0, verbose: bool = False) -> list[dict]:
+        dtype: str | None = None, safety_checker: bool = True, compile: bool = False, batch_size: int = 1,
+        use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float = 1.0,
+        verbose: bool = False) -> list[dict]:
     """Run every unfinished request of `requests_file` into `out`; returns the manifest entries (one per
     distinct request, in file order)."""
     for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
@@ -264,7 +265,8 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
     manifest = out / MANIFEST
     old = _read_manifest(manifest)
     done, jobs = plan(requests, out, batch_size)
-    runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype, "safety_checker": safety_checker}
+    runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype, "safety_checker": safety_checker,
+                     "compile": compile}
     if not jobs:
         results: Iterator[dict] = iter(())
     elif use_ray:
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         entries = run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
-                      safety_checker=not args.no_safety_checker, batch_size=args.batch_size, use_ray=args.ray,
+                      safety_checker=not args.no_safety_checker, compile=args.compile, batch_size=args.batch_size,
+                      use_ray=args.ray,
                       concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
                       verbose=not args.quiet)
     except (ValueError, TypeError) as e:

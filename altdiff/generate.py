@@ -24,6 +24,7 @@ from .noise import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .samplers import get_sampler
 from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
+from .unet import check_cross_attention_kwargs
 
 logger = logging.getLogger("altdiff")
 
@@ -197,8 +198,7 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSOR_INPUTS}")
     if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
         raise ValueError(f"callback_steps: must be a positive int, got {callback_steps!r}")
-    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
-        raise TypeError("cross_attention_kwargs: expected a dict such as {'scale': 0.5}")
+    check_cross_attention_kwargs(cross_attention_kwargs)
     if seed is not None and generator is not None:
         raise ValueError("seed and generator: pass one of them, not both")
     total = batch_size * num_images_per_prompt
@@ -324,10 +324,15 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
             timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet_cfg.time_cond_proj_dim).to(
                 device=device, dtype=latents.dtype)
 
+        unet = pipe.unet_runner()
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x = torch.cat([x] * 2) if do_cfg else x
-            pred = pipe.unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
-                             cross_attention_kwargs=cross_attention_kwargs)
+            if unet is pipe.unet:
+                pred = unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
+                            cross_attention_kwargs=cross_attention_kwargs)
+            else:  # compiled: no LoRA is active, so the scale in cross_attention_kwargs has nothing to act on
+                pred = unet(x, t, state["prompt_embeds"], timestep_cond)
             if do_cfg:
                 pred_uncond, pred_text = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
+from .compiled import CompiledUNet, state_key
 from .config import ModelIndex, SchedulerConfig
 from .hub import resolve
 from .safety import SafetyChecker, load_safety_checker
@@ -64,6 +65,9 @@ class Pipeline:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # LoRA adapters (hooks on the UNet and text encoder), set by load_lora_weights.
     lora: adapters.LoraState | None = field(default=None, repr=False)
+    # Opt-in fast UNet (altdiff.compiled); built on first use and rebuilt when weights or FreeU change.
+    compile: bool = False
+    _compiled: CompiledUNet | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +89,16 @@ class Pipeline:
         if self.safety_checker is not None:
             self.safety_checker.to(device=device, dtype=dtype)
         return self
+
+    def unet_runner(self):
+        """What generate() calls each step: the UNet, or with `compile` its compiled form for the current
+        weights and FreeU settings. Unfused LoRA adapters (forward hooks) always run on the plain UNet."""
+        lora = self.lora
+        if not self.compile or (lora is not None and lora.enabled and set(lora.weights) - lora.fused):
+            return self.unet
+        if self._compiled is None or self._compiled.key != state_key(self.unet):
+            self._compiled = CompiledUNet(self.unet)
+        return self._compiled
 
     def generate(self, prompt=None, **kwargs):
         from .generate import generate
@@ -177,19 +191,23 @@ def _pipeline_scheduler_config(config: SchedulerConfig) -> SchedulerConfig:
 def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, variant: str | None = None,
          safety_checker: bool | str | Path | None = True, tokenizer: str | Path | None = None,
-         config: dict | None = None) -> Pipeline:
+         config: dict | None = None, compile: bool = False) -> Pipeline:
     """Load a pipeline from a hub repo id, a diffusers-layout folder or an original single file
     (.safetensors/.ckpt). `device` defaults to CUDA when present, `dtype` to fp16 on CUDA and fp32 on CPU;
     `safety_checker=None`/False skips the checker. For a single file, `tokenizer` and `safety_checker` (a
     folder or hub repo id) fill what the file lacks (default: the BAAI repo of the detected m9/m18) and
-    `config` sets what its shapes cannot tell (see `altdiff.single_file.Options`)."""
+    `config` sets what its shapes cannot tell (see `altdiff.single_file.Options`). `compile=True` runs the
+    UNet through torch.compile (plus CUDA graphs on CUDA): the first image of each size compiles for about a
+    minute, later steps run faster (see altdiff.compiled)."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile: expected True or False, got {compile!r}")
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     if is_single_file(source):
         parts = load_single_file(source, dtype=dtype, device=device, tokenizer=tokenizer,
                                  safety_checker=safety_checker, config=config)
         parts["scheduler_config"] = _pipeline_scheduler_config(parts["scheduler_config"])
-        return Pipeline(**parts, source=str(source))
+        return Pipeline(**parts, source=str(source), compile=compile)
     if tokenizer is not None or config is not None:
         raise ValueError("tokenizer/config: only a single-file source takes them; a folder or hub repo carries "
                          "its own")
@@ -217,4 +235,5 @@ def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None =
             SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")),
         safety_checker=checker,
         source=str(source),
+        compile=compile,
     )

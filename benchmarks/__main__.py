@@ -27,7 +27,7 @@ from .report import environment, table, write_json
 
 LIBS = ("altdiff", "diffusers")
 ALL_BLOCKS = ("load", *blocks.BLOCKS)
-OPT_IN = ("unet_compiled",)  # minutes of compilation
+OPT_IN = ("unet_compiled", "e2e_compiled", "e2e_tiled")  # minutes of compilation; a large image
 DEFAULT_BLOCKS = tuple(b for b in ALL_BLOCKS if b not in OPT_IN)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,8 +106,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
         alt = load_altdiff(folder, args.device, args.dtype)
         ref = load_diffusers(folder, args.device, args.dtype)
         for name in todo:
-            results.append(blocks.BLOCKS[name](alt, ref, settings))
-            print(table(results[-1:], {}).splitlines()[-1], file=sys.stderr, flush=True)
+            rows = blocks.BLOCKS[name](alt, ref, settings)
+            rows = rows if isinstance(rows, list) else [rows]
+            results += rows
+            for line in table(rows, {}).splitlines()[-len(rows):]:
+                print(line, file=sys.stderr, flush=True)
+            if args.json:  # after every block: a run cut short still leaves its numbers
+                write_json(args.json, results, header)
     print(table(results, header))
     if args.json:
         write_json(args.json, results, header)

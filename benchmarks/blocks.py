@@ -13,7 +13,7 @@ from altdiff.samplers import get_sampler
 from altdiff.schedules import make_schedule
 from tests.tiny import CORPUS
 
-from .measure import Result, compare
+from .measure import Result, compare, sync
 
 PROMPT = "一只戴着帽子的猫, highly detailed oil painting"
 NEGATIVE = "low quality"
@@ -57,34 +57,76 @@ def text_encoder(alt, ref, s: Settings) -> Result:
 
 
 def unet(alt, ref, s: Settings) -> Result:
-    x = s.latents(alt, 2)
-    context = torch.randn(2, 77, alt.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
-    context = context.to(s.device, s.dtype)
-    t = torch.tensor(500, device=s.device)
+    x, t, context = _unet_inputs(alt, s)
     runs = {"altdiff": lambda: alt.unet(x, t, context),
             "diffusers": lambda: ref.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]}
     return compare("UNet step", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
 
 
-def unet_compiled(alt, ref, s: Settings) -> Result:
-    """The UNet step under `torch.compile` (default mode) for both libraries; the warm-up run compiles, and
-    its time is reported in the note. Opt-in: minutes of compilation, more on CPU."""
+def _unet_inputs(alt, s: Settings):
     x = s.latents(alt, 2)
     context = torch.randn(2, 77, alt.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
-    context = context.to(s.device, s.dtype)
-    t = torch.tensor(500, device=s.device)
-    alt_unet, ref_unet = torch.compile(alt.unet), torch.compile(ref.unet)
-    runs = {"altdiff": lambda: alt_unet(x, t, context),
-            "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context, return_dict=False)[0]}
-    compile_s = {}
+    return x, torch.tensor(500, device=s.device), context.to(s.device, s.dtype)
+
+
+def _compiled(alt, ref):
+    """altdiff's `compile=True` UNet, and diffusers' UNet as its docs compile it (mode reduce-overhead,
+    fullgraph: CUDA graphs on CUDA). Built once per process; each compiles on its first call."""
+    if not hasattr(ref, "compiled_unet"):
+        ref.compiled_unet = torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
+    alt.compile = True
+    return alt.unet_runner(), ref.compiled_unet
+
+
+def _first_calls(runs: dict[str, Callable[[], object]], s: Settings) -> str:
+    """Run each once (compiling), timed: the note of a compiled row."""
+    seconds = {}
     with torch.inference_mode():
         for lib, fn in runs.items():
+            sync(s.device)
             start = time.perf_counter()
             fn()
-            compile_s[lib] = time.perf_counter() - start
-    result = compare("UNet step, torch.compile", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
-    result.note = "compile " + ", ".join(f"{lib} {t:.0f} s" for lib, t in compile_s.items())
+            sync(s.device)
+            seconds[lib] = time.perf_counter() - start
+    return "first call (compiles) " + ", ".join(f"{lib} {t:.0f} s" for lib, t in seconds.items())
+
+
+def unet_compiled(alt, ref, s: Settings) -> Result:
+    """The UNet step with altdiff's compile=True against diffusers' compiled UNet. Opt-in: a minute or more
+    of compilation per library."""
+    x, t, context = _unet_inputs(alt, s)
+    alt_unet, ref_unet = _compiled(alt, ref)
+    runs = {"altdiff": lambda: alt_unet(x, t, context),
+            "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context, return_dict=False)[0].clone()}
+    note = _first_calls(runs, s)
+    result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
+    result.note = note
     return result
+
+
+def unet_variants(alt, ref, s: Settings) -> list[Result]:
+    """altdiff's UNet step under layouts/launch modes that are not the default, each against diffusers
+    eager: channels_last weights and activations, and (CUDA) the eager UNet replayed as a CUDA graph."""
+    from altdiff.compiled import CompiledUNet
+
+    x, t, context = _unet_inputs(alt, s)
+    ref_run = lambda: ref.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # noqa: E731
+    rows = []
+    alt.unet.to(memory_format=torch.channels_last)
+    try:
+        x_cl = x.to(memory_format=torch.channels_last)
+        rows.append(compare("UNet step, channels_last", f"batch 2 (CFG), {tuple(x.shape)}",
+                            {"altdiff": lambda: alt.unet(x_cl, t, context), "diffusers": ref_run},
+                            s.device, s.repeats))
+    finally:
+        alt.unet.to(memory_format=torch.contiguous_format)
+    if s.device.type == "cuda":
+        graphed = CompiledUNet(alt.unet)
+        graphed.fn = alt.unet  # capture the eager kernels: no compilation
+        rows.append(compare("UNet step, CUDA graph of eager", f"batch 2 (CFG), {tuple(x.shape)}",
+                            {"altdiff": lambda: graphed(x, t, context), "diffusers": ref_run},
+                            s.device, s.repeats))
+    return rows
 
 
 def vae_decode(alt, ref, s: Settings) -> Result:
@@ -156,20 +198,63 @@ def sampler(alt, ref, s: Settings) -> Result:
     return result
 
 
-def end_to_end(alt, ref, s: Settings) -> Result:
-    common = dict(num_inference_steps=s.steps, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, height=s.size,
-                  width=s.size, output_type="np")
-    runs = {"altdiff": lambda: alt.generate(PROMPT, seed=0, progress=False, **common).images,
+def _e2e(alt, ref, s: Settings, size: int, steps: int):
+    common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, height=size,
+                  width=size, output_type="np")
+    return {"altdiff": lambda: alt.generate(PROMPT, seed=0, progress=False, **common).images,
             "diffusers": lambda: ref(PROMPT, generator=torch.Generator().manual_seed(0), **common).images}
-    # Error in uint8 levels, as the images would be saved.
-    return compare("end to end", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}", runs, s.device,
-                   s.repeats, error=lambda a, b: 255 * float(abs(a - b).max()))
+
+
+def _uint8_error(a, b) -> float:
+    return 255 * float(abs(a - b).max())  # in uint8 levels, as the images would be saved
+
+
+def _resident(s: Settings) -> str:
+    if s.device.type != "cuda":
+        return ""
+    return f"weights resident {torch.cuda.memory_allocated(s.device) / 2**20:,.0f} MB"
+
+
+def end_to_end(alt, ref, s: Settings) -> Result:
+    result = compare("end to end", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}",
+                     _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats, error=_uint8_error)
+    result.note = _resident(s)
+    return result
+
+
+def end_to_end_compiled(alt, ref, s: Settings) -> Result:
+    """End to end with altdiff's compile=True against diffusers with its compiled UNet (opt-in)."""
+    alt_unet, ref_unet = _compiled(alt, ref)
+    eager_unet, ref.unet = ref.unet, ref_unet
+    try:
+        runs = _e2e(alt, ref, s, s.size, s.steps)
+        note = _first_calls(runs, s)
+        result = compare("end to end, compiled", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}",
+                         runs, s.device, s.repeats, error=_uint8_error)
+    finally:
+        ref.unet, alt.compile = eager_unet, False
+    result.note = note
+    return result
+
+
+def end_to_end_tiled(alt, ref, s: Settings) -> Result:
+    """A large image with VAE tiling, for its peak memory: 2 steps (the peak does not grow with steps)."""
+    alt.vae.enable_tiling()
+    ref.vae.enable_tiling()
+    try:
+        result = compare("end to end, VAE tiling", f"t2i {s.tiled_size}x{s.tiled_size}, 2 steps",
+                         _e2e(alt, ref, s, s.tiled_size, 2), s.device, 1, error=_uint8_error)
+    finally:
+        alt.vae.disable_tiling()
+        ref.vae.disable_tiling()
+    result.note = _resident(s)
+    return result
 
 
 # Every block; `python -m benchmarks` runs all but the opt-in ones (__main__.OPT_IN) unless told.
-BLOCKS: dict[str, Callable[..., Result]] = {
-    "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "unet_compiled": unet_compiled,
-    "vae_decode": vae_decode,
-    "vae_encode": vae_encode, "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler,
-    "e2e": end_to_end,
+BLOCKS: dict[str, Callable[..., Result | list[Result]]] = {
+    "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "unet_variants": unet_variants,
+    "unet_compiled": unet_compiled, "vae_decode": vae_decode, "vae_encode": vae_encode,
+    "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler, "e2e": end_to_end,
+    "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled,
 }

@@ -22,8 +22,8 @@ def test_harness_runs_every_block_on_the_tiny_model(m9_folder, tmp_path, capsys)
     table = capsys.readouterr().out
 
     blocks = [r.block for r in results]
-    assert blocks == ["load", "first e2e, fresh process", "tokenizer", "text encoder", "UNet step", "VAE decode",
-                      "VAE encode", "VAE tiled decode", "safety checker", "sampler overhead", "end to end"]
+    assert blocks == ["load", "first e2e, fresh process", "tokenizer", "text encoder", "UNet step",
+                      "UNet step, channels_last", "VAE decode", "VAE encode", "VAE tiled decode", "safety checker", "sampler overhead", "end to end"]
     for r in results:
         assert set(r.times) == {"altdiff", "diffusers"}
         assert all(len(t) == 1 and t[0] > 0 for t in r.times.values()), r.block
@@ -40,8 +40,9 @@ def test_harness_runs_every_block_on_the_tiny_model(m9_folder, tmp_path, capsys)
 
 
 def test_block_selection_and_argument_errors(m9_folder, capsys):
-    results = main(["--folder", str(m9_folder), "--blocks", "sampler", *TINY])
-    assert [r.block for r in results] == ["sampler overhead"]
+    results = main(["--folder", str(m9_folder), "--blocks", "sampler", "e2e_tiled", *TINY])
+    assert [r.block for r in results] == ["sampler overhead", "end to end, VAE tiling"]
+    assert results[1].error <= 1 and "64x64" in results[1].shape
     assert "load" in ALL_BLOCKS
     for bad in (["--blocks", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--dtype", "int8"]):
         with pytest.raises(SystemExit) as e:

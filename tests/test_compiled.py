@@ -1,0 +1,103 @@
+"""`compile=True`: the compiled UNet computes what the plain one does, is rebuilt whenever what it froze
+changes, steps aside for unfused LoRA, and falls back (with a warning) when compilation fails. One real
+inductor compilation on the tiny model (~40 s on 2 cores); the bookkeeping tests swap torch.compile for the
+identity so they cost nothing. CUDA-graph capture is tested in test_cuda.py."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_abs
+
+import altdiff
+from altdiff import compiled
+from altdiff.adapters import LoraState
+from altdiff.cli import build_parser
+
+GEN = dict(num_inference_steps=3, output_type="np", progress=False, seed=0)
+
+
+@pytest.fixture
+def no_inductor(monkeypatch):
+    """torch.compile → the module itself: CompiledUNet's bookkeeping without minutes of compilation."""
+    calls = []
+
+    def fake_compile(module, **kwargs):
+        calls.append(module)
+        return module
+    monkeypatch.setattr(compiled.torch, "compile", fake_compile)
+    return calls
+
+
+def unet_inputs(pipe, batch=2, side=8):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(batch, 4, side, side, generator=g), torch.tensor(500),
+            torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, generator=g))
+
+
+def test_compiled_unet_and_images_equal_eager(m9_folder):
+    fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
+    plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
+    image = fast.generate("a cat", **GEN).images
+    assert isinstance(fast._compiled, compiled.CompiledUNet) and not fast._compiled.failed
+    diff = np.abs(np.round(image * 255) - np.round(plain.generate("a cat", **GEN).images * 255)).max()
+    assert diff <= 1
+    x, t, c = unet_inputs(fast)
+    with torch.inference_mode():
+        assert max_abs(fast.unet_runner()(x, t, c), plain.unet(x, t, c)) < 1e-5
+
+
+def test_runner_is_rebuilt_when_weights_dtype_or_freeu_change(m9_folder, no_inductor):
+    pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
+    first = pipe.unet_runner()
+    assert isinstance(first, compiled.CompiledUNet) and pipe.unet_runner() is first  # cached while valid
+    pipe.enable_freeu(0.9, 0.2, 1.2, 1.4)
+    second = pipe.unet_runner()
+    assert second is not first
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.add_(0.0)  # an in-place write, as fuse_lora does
+    third = pipe.unet_runner()
+    assert third is not second
+    pipe.to(dtype=torch.bfloat16)
+    assert pipe.unet_runner() is not third and len(no_inductor) == 4
+    pipe.compile = False
+    assert pipe.unet_runner() is pipe.unet
+
+
+def test_unfused_lora_runs_the_plain_unet(m9_folder, no_inductor):
+    pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
+    pipe.lora = LoraState(weights={"style": 1.0})
+    assert pipe.unet_runner() is pipe.unet
+    pipe.lora.fused = {"style"}  # fused adapters live in the weights: compiling is fine
+    assert isinstance(pipe.unet_runner(), compiled.CompiledUNet)
+
+
+def test_compilation_failure_warns_and_runs_eager(m9_folder, monkeypatch):
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+    monkeypatch.setattr(compiled.torch, "compile", lambda module, **kw: broken)
+    fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
+    plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
+    with pytest.warns(RuntimeWarning, match="compile=True: compiling the UNet failed.*no C\\+\\+ compiler"):
+        image = fast.generate("a cat", **GEN).images
+    assert np.array_equal(image, plain.generate("a cat", **GEN).images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, then plain runs quietly
+        fast.generate("a cat", **GEN)
+
+
+def test_bad_input_gets_the_unets_errors(m9_folder, no_inductor):
+    pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
+    x, t, c = unet_inputs(pipe)
+    with pytest.raises(ValueError, match="sample must be a \\(batch, 4, height, width\\)"):
+        pipe.unet_runner()(x[:, :3], t, c)
+    with pytest.raises(ValueError, match="encoder_hidden_states must be"):
+        pipe.unet_runner()(x, t, c[:1])
+
+
+def test_compile_argument(m9_folder):
+    with pytest.raises(TypeError, match="compile: expected True or False"):
+        altdiff.load(m9_folder, device="cpu", compile="yes")
+    assert build_parser().parse_args(["a cat", "--compile"]).compile
+    assert not build_parser().parse_args(["a cat"]).compile
