@@ -151,9 +151,10 @@ class Runner:
     on batches of serialized jobs; pipelines are loaded on first use and kept."""
 
     def __init__(self, out: str | Path, device: str | None = None, dtype: str | None = None,
-                 safety_checker: bool = True, compile: bool = False):
+                 safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True):
         self.out = Path(out)
-        self.load_kwargs = {"device": device, "dtype": dtype, "safety_checker": safety_checker, "compile": compile}
+        self.load_kwargs = {"device": device, "dtype": dtype, "safety_checker": safety_checker,
+                            "compile": compile, "cuda_graphs": cuda_graphs}
         self.pipes: dict[str, Pipeline] = {}
 
     def pipe(self, source: str | None) -> Pipeline:
@@ -247,8 +248,8 @@ def _write_manifest(path: Path, entries: list[dict]) -> None:
 
 
 def run(requests_file: str | Path, out: str | Path, *, model: str | None = None, device: str | None = None,
-        dtype: str | None = None, safety_checker: bool = True, compile: bool = False, batch_size: int = 1,
-        use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float = 1.0,
+        dtype: str | None = None, safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True,
+        batch_size: int = 1, use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float = 1.0,
         verbose: bool = False) -> list[dict]:
     """Run every unfinished request of `requests_file` into `out`; returns the manifest entries (one per
     distinct request, in file order)."""
@@ -266,7 +267,7 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
     old = _read_manifest(manifest)
     done, jobs = plan(requests, out, batch_size)
     runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype, "safety_checker": safety_checker,
-                     "compile": compile}
+                     "compile": compile, "cuda_graphs": cuda_graphs}
     if not jobs:
         results: Iterator[dict] = iter(())
     elif use_ray:
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         entries = run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
-                      safety_checker=not args.no_safety_checker, compile=args.compile, batch_size=args.batch_size,
+                      safety_checker=not args.no_safety_checker, compile=args.compile,
+                      cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size,
                       use_ray=args.ray,
                       concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
                       verbose=not args.quiet)

@@ -15,13 +15,15 @@ SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler"
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --no-safety-checker, --compile: how a model is loaded, for `altdiff` and
-    `altdiff batch`."""
+    """--device, --dtype, --no-safety-checker, --compile, --no-cuda-graphs: how a model is loaded, for
+    `altdiff` and `altdiff batch`."""
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
     p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (+ CUDA graphs): about a minute per image size, then faster steps")
+                   help="torch.compile the UNet: about a minute per image size, then faster steps")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the UNet eagerly on CUDA instead of replaying a recorded CUDA graph per image size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +114,7 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
 
     model = args.model or DEFAULT_MODEL
     pipe = load(model, device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
-                compile=args.compile)
+                compile=args.compile, cuda_graphs=not args.no_cuda_graphs)
     sampler = args.sampler or sampler_for_config(pipe.scheduler_config)
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
     written = iter(paths)

@@ -331,7 +331,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
             if unet is pipe.unet:
                 pred = unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
                             cross_attention_kwargs=cross_attention_kwargs)
-            else:  # compiled: no LoRA is active, so the scale in cross_attention_kwargs has nothing to act on
+            else:  # FastUNet: no LoRA is active, so the scale in cross_attention_kwargs has nothing to act on
                 pred = unet(x, t, state["prompt_embeds"], timestep_cond)
             if do_cfg:
                 pred_uncond, pred_text = pred.chunk(2)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .compiled import CompiledUNet, state_key
 from .config import ModelIndex, SchedulerConfig
+from .fast_unet import FastUNet, state_key
 from .hub import resolve
 from .safety import SafetyChecker, load_safety_checker
 from .single_file import is_single_file, load_single_file
@@ -65,9 +65,11 @@ class Pipeline:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # LoRA adapters (hooks on the UNet and text encoder), set by load_lora_weights.
     lora: adapters.LoraState | None = field(default=None, repr=False)
-    # Opt-in fast UNet (altdiff.compiled); built on first use and rebuilt when weights or FreeU change.
+    # How generate() runs the UNet (altdiff.fast_unet): recorded as CUDA graphs on CUDA, torch.compile'd
+    # when asked. Built on first use, rebuilt when weights or switches change.
     compile: bool = False
-    _compiled: CompiledUNet | None = field(default=None, repr=False)
+    cuda_graphs: bool = True
+    _fast_unet: FastUNet | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -91,14 +93,17 @@ class Pipeline:
         return self
 
     def unet_runner(self):
-        """What generate() calls each step: the UNet, or with `compile` its compiled form for the current
-        weights and FreeU settings. Unfused LoRA adapters (forward hooks) always run on the plain UNet."""
+        """What generate() calls each step: the plain UNet, or a FastUNet (CUDA graphs on CUDA, torch.compile
+        with `compile`) for the current weights and switches. Unfused LoRA adapters (forward hooks) always
+        run on the plain UNet."""
         lora = self.lora
-        if not self.compile or (lora is not None and lora.enabled and set(lora.weights) - lora.fused):
+        graphs = self.cuda_graphs and self.device.type == "cuda"
+        if not (self.compile or graphs) or (lora is not None and lora.enabled and set(lora.weights) - lora.fused):
             return self.unet
-        if self._compiled is None or self._compiled.key != state_key(self.unet):
-            self._compiled = CompiledUNet(self.unet)
-        return self._compiled
+        fast = self._fast_unet
+        if fast is None or (fast.key, fast.compile, fast.cuda_graphs) != (state_key(self.unet), self.compile, graphs):
+            self._fast_unet = FastUNet(self.unet, compile=self.compile, cuda_graphs=graphs)
+        return self._fast_unet
 
     def generate(self, prompt=None, **kwargs):
         from .generate import generate
@@ -191,23 +196,25 @@ def _pipeline_scheduler_config(config: SchedulerConfig) -> SchedulerConfig:
 def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, variant: str | None = None,
          safety_checker: bool | str | Path | None = True, tokenizer: str | Path | None = None,
-         config: dict | None = None, compile: bool = False) -> Pipeline:
+         config: dict | None = None, compile: bool = False, cuda_graphs: bool = True) -> Pipeline:
     """Load a pipeline from a hub repo id, a diffusers-layout folder or an original single file
     (.safetensors/.ckpt). `device` defaults to CUDA when present, `dtype` to fp16 on CUDA and fp32 on CPU;
     `safety_checker=None`/False skips the checker. For a single file, `tokenizer` and `safety_checker` (a
     folder or hub repo id) fill what the file lacks (default: the BAAI repo of the detected m9/m18) and
-    `config` sets what its shapes cannot tell (see `altdiff.single_file.Options`). `compile=True` runs the
-    UNet through torch.compile (plus CUDA graphs on CUDA): the first image of each size compiles for about a
-    minute, later steps run faster (see altdiff.compiled)."""
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile: expected True or False, got {compile!r}")
+    `config` sets what its shapes cannot tell (see `altdiff.single_file.Options`). On CUDA the UNet is
+    recorded as a CUDA graph per image size and replayed (same results, faster; `cuda_graphs=False` turns it
+    off); `compile=True` also runs it through torch.compile: about a minute per image size, then faster
+    steps (see altdiff.fast_unet)."""
+    for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     if is_single_file(source):
         parts = load_single_file(source, dtype=dtype, device=device, tokenizer=tokenizer,
                                  safety_checker=safety_checker, config=config)
         parts["scheduler_config"] = _pipeline_scheduler_config(parts["scheduler_config"])
-        return Pipeline(**parts, source=str(source), compile=compile)
+        return Pipeline(**parts, source=str(source), compile=compile, cuda_graphs=cuda_graphs)
     if tokenizer is not None or config is not None:
         raise ValueError("tokenizer/config: only a single-file source takes them; a folder or hub repo carries "
                          "its own")
@@ -236,4 +243,5 @@ def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None =
         safety_checker=checker,
         source=str(source),
         compile=compile,
+        cuda_graphs=cuda_graphs,
     )

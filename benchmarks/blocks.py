@@ -71,7 +71,8 @@ def _unet_inputs(alt, s: Settings):
 
 def _compiled(alt, ref):
     """altdiff's `compile=True` UNet, and diffusers' UNet as its docs compile it (mode reduce-overhead,
-    fullgraph: CUDA graphs on CUDA). Built once per process; each compiles on its first call."""
+    fullgraph: CUDA graphs on CUDA). Each compiles on its first call; diffusers' is kept for later blocks,
+    altdiff's while nothing switches the pipeline back (the caller sets `alt.compile = False` when done)."""
     if not hasattr(ref, "compiled_unet"):
         ref.compiled_unet = torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
     alt.compile = True
@@ -96,18 +97,21 @@ def unet_compiled(alt, ref, s: Settings) -> Result:
     of compilation per library."""
     x, t, context = _unet_inputs(alt, s)
     alt_unet, ref_unet = _compiled(alt, ref)
-    runs = {"altdiff": lambda: alt_unet(x, t, context),
-            "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context, return_dict=False)[0].clone()}
-    note = _first_calls(runs, s)
-    result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
+    try:
+        runs = {"altdiff": lambda: alt_unet(x, t, context),
+                "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context, return_dict=False)[0].clone()}
+        note = _first_calls(runs, s)
+        result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
+    finally:
+        alt.compile = False
     result.note = note
     return result
 
 
 def unet_variants(alt, ref, s: Settings) -> list[Result]:
-    """altdiff's UNet step under layouts/launch modes that are not the default, each against diffusers
-    eager: channels_last weights and activations, and (CUDA) the eager UNet replayed as a CUDA graph."""
-    from altdiff.compiled import CompiledUNet
+    """altdiff's UNet step other ways, each against diffusers eager: channels_last weights and activations,
+    and (CUDA) replayed as a CUDA graph, as generate() runs it (the `unet` row is the plain eager call)."""
+    from altdiff.fast_unet import FastUNet
 
     x, t, context = _unet_inputs(alt, s)
     ref_run = lambda: ref.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # noqa: E731
@@ -121,9 +125,8 @@ def unet_variants(alt, ref, s: Settings) -> list[Result]:
     finally:
         alt.unet.to(memory_format=torch.contiguous_format)
     if s.device.type == "cuda":
-        graphed = CompiledUNet(alt.unet)
-        graphed.fn = alt.unet  # capture the eager kernels: no compilation
-        rows.append(compare("UNet step, CUDA graph of eager", f"batch 2 (CFG), {tuple(x.shape)}",
+        graphed = FastUNet(alt.unet, compile=False, cuda_graphs=True)  # what generate() runs on CUDA
+        rows.append(compare("UNet step, CUDA graph replay", f"batch 2 (CFG), {tuple(x.shape)}",
                             {"altdiff": lambda: graphed(x, t, context), "diffusers": ref_run},
                             s.device, s.repeats))
     return rows
@@ -215,11 +218,21 @@ def _resident(s: Settings) -> str:
     return f"weights resident {torch.cuda.memory_allocated(s.device) / 2**20:,.0f} MB"
 
 
-def end_to_end(alt, ref, s: Settings) -> Result:
-    result = compare("end to end", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}",
-                     _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats, error=_uint8_error)
-    result.note = _resident(s)
-    return result
+def end_to_end(alt, ref, s: Settings) -> list[Result]:
+    """Defaults against defaults; on CUDA also altdiff with cuda_graphs=False (every kernel launched from
+    Python, as diffusers does)."""
+    shape = f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}"
+    rows = [compare("end to end", shape, _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats,
+                    error=_uint8_error)]
+    rows[0].note = _resident(s)
+    if s.device.type == "cuda":
+        alt.cuda_graphs = False
+        try:
+            rows.append(compare("end to end, altdiff without CUDA graphs", shape, _e2e(alt, ref, s, s.size, s.steps),
+                                s.device, s.repeats, error=_uint8_error))
+        finally:
+            alt.cuda_graphs = True
+    return rows
 
 
 def end_to_end_compiled(alt, ref, s: Settings) -> Result:

@@ -1,7 +1,7 @@
-"""`compile=True`: the compiled UNet computes what the plain one does, is rebuilt whenever what it froze
-changes, steps aside for unfused LoRA, and falls back (with a warning) when compilation fails. One real
-inductor compilation on the tiny model (~40 s on 2 cores); the bookkeeping tests swap torch.compile for the
-identity so they cost nothing. CUDA-graph capture is tested in test_cuda.py."""
+"""`compile=True` and the FastUNet runner: the compiled UNet computes what the plain one does, is rebuilt
+whenever what it froze changes, steps aside for unfused LoRA, and falls back (with a warning) when
+compilation fails. One real inductor compilation on the tiny model (~40 s on 2 cores); the bookkeeping tests
+swap torch.compile for the identity so they cost nothing. CUDA-graph capture is tested in test_cuda.py."""
 
 import warnings
 
@@ -11,7 +11,7 @@ import torch
 from conftest import max_abs
 
 import altdiff
-from altdiff import compiled
+from altdiff import attention, fast_unet
 from altdiff.adapters import LoraState
 from altdiff.cli import build_parser
 
@@ -20,13 +20,13 @@ GEN = dict(num_inference_steps=3, output_type="np", progress=False, seed=0)
 
 @pytest.fixture
 def no_inductor(monkeypatch):
-    """torch.compile → the module itself: CompiledUNet's bookkeeping without minutes of compilation."""
+    """torch.compile → the module itself: FastUNet's bookkeeping without minutes of compilation."""
     calls = []
 
     def fake_compile(module, **kwargs):
         calls.append(module)
         return module
-    monkeypatch.setattr(compiled.torch, "compile", fake_compile)
+    monkeypatch.setattr(fast_unet.torch, "compile", fake_compile)
     return calls
 
 
@@ -40,7 +40,7 @@ def test_compiled_unet_and_images_equal_eager(m9_folder):
     fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
     plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
     image = fast.generate("a cat", **GEN).images
-    assert isinstance(fast._compiled, compiled.CompiledUNet) and not fast._compiled.failed
+    assert isinstance(fast._fast_unet, fast_unet.FastUNet) and not fast._fast_unet.failed
     diff = np.abs(np.round(image * 255) - np.round(plain.generate("a cat", **GEN).images * 255)).max()
     assert diff <= 1
     x, t, c = unet_inputs(fast)
@@ -48,10 +48,10 @@ def test_compiled_unet_and_images_equal_eager(m9_folder):
         assert max_abs(fast.unet_runner()(x, t, c), plain.unet(x, t, c)) < 1e-5
 
 
-def test_runner_is_rebuilt_when_weights_dtype_or_freeu_change(m9_folder, no_inductor):
+def test_runner_is_rebuilt_when_weights_dtype_freeu_or_slicing_change(m9_folder, no_inductor):
     pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
     first = pipe.unet_runner()
-    assert isinstance(first, compiled.CompiledUNet) and pipe.unet_runner() is first  # cached while valid
+    assert isinstance(first, fast_unet.FastUNet) and pipe.unet_runner() is first  # cached while valid
     pipe.enable_freeu(0.9, 0.2, 1.2, 1.4)
     second = pipe.unet_runner()
     assert second is not first
@@ -59,9 +59,15 @@ def test_runner_is_rebuilt_when_weights_dtype_or_freeu_change(m9_folder, no_indu
         pipe.unet.conv_in.weight.add_(0.0)  # an in-place write, as fuse_lora does
     third = pipe.unet_runner()
     assert third is not second
+    attention.set_attention_slice(4)
+    try:
+        fourth = pipe.unet_runner()
+    finally:
+        attention.set_attention_slice(None)
+    assert fourth is not third
     pipe.to(dtype=torch.bfloat16)
-    assert pipe.unet_runner() is not third and len(no_inductor) == 4
-    pipe.compile = False
+    assert pipe.unet_runner() is not fourth and len(no_inductor) == 5
+    pipe.compile = False  # on the CPU there are no CUDA graphs: the plain UNet
     assert pipe.unet_runner() is pipe.unet
 
 
@@ -70,16 +76,17 @@ def test_unfused_lora_runs_the_plain_unet(m9_folder, no_inductor):
     pipe.lora = LoraState(weights={"style": 1.0})
     assert pipe.unet_runner() is pipe.unet
     pipe.lora.fused = {"style"}  # fused adapters live in the weights: compiling is fine
-    assert isinstance(pipe.unet_runner(), compiled.CompiledUNet)
+    assert isinstance(pipe.unet_runner(), fast_unet.FastUNet)
 
 
 def test_compilation_failure_warns_and_runs_eager(m9_folder, monkeypatch):
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
-    monkeypatch.setattr(compiled.torch, "compile", lambda module, **kw: broken)
+    monkeypatch.setattr(fast_unet.torch, "compile", lambda module, **kw: broken)
     fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
     plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
-    with pytest.warns(RuntimeWarning, match="compile=True: compiling the UNet failed.*no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="fast UNet: TorchDynamoException: no C\\+\\+ compiler; running the "
+                      "plain UNet"):
         image = fast.generate("a cat", **GEN).images
     assert np.array_equal(image, plain.generate("a cat", **GEN).images)
     with warnings.catch_warnings():
@@ -96,8 +103,11 @@ def test_bad_input_gets_the_unets_errors(m9_folder, no_inductor):
         pipe.unet_runner()(x, t, c[:1])
 
 
-def test_compile_argument(m9_folder):
-    with pytest.raises(TypeError, match="compile: expected True or False"):
-        altdiff.load(m9_folder, device="cpu", compile="yes")
-    assert build_parser().parse_args(["a cat", "--compile"]).compile
-    assert not build_parser().parse_args(["a cat"]).compile
+def test_compile_and_cuda_graphs_arguments(m9_folder):
+    for name in ("compile", "cuda_graphs"):
+        with pytest.raises(TypeError, match=f"{name}: expected True or False"):
+            altdiff.load(m9_folder, device="cpu", **{name: "yes"})
+    args = build_parser().parse_args(["a cat", "--compile", "--no-cuda-graphs"])
+    assert args.compile and args.no_cuda_graphs
+    args = build_parser().parse_args(["a cat"])
+    assert not args.compile and not args.no_cuda_graphs
