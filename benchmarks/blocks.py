@@ -235,19 +235,23 @@ def end_to_end(alt, ref, s: Settings) -> list[Result]:
     return rows
 
 
-def end_to_end_compiled(alt, ref, s: Settings) -> Result:
-    """End to end with altdiff's compile=True against diffusers with its compiled UNet (opt-in)."""
-    alt_unet, ref_unet = _compiled(alt, ref)
-    eager_unet, ref.unet = ref.unet, ref_unet
+def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
+    """End to end with altdiff's compile=True against diffusers with its compiled UNet, then against
+    diffusers as it comes (eager) (opt-in)."""
+    shape = f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}"
+    _compiled(alt, ref)
+    eager_unet, ref.unet = ref.unet, ref.compiled_unet
     try:
         runs = _e2e(alt, ref, s, s.size, s.steps)
         note = _first_calls(runs, s)
-        result = compare("end to end, compiled", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}",
-                         runs, s.device, s.repeats, error=_uint8_error)
+        rows = [compare("end to end, compiled", shape, runs, s.device, s.repeats, error=_uint8_error)]
+        ref.unet = eager_unet
+        rows.append(compare("end to end, altdiff compiled vs diffusers eager", shape,
+                            _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
     finally:
         ref.unet, alt.compile = eager_unet, False
-    result.note = note
-    return result
+    rows[0].note = note
+    return rows
 
 
 def end_to_end_tiled(alt, ref, s: Settings) -> Result:
