@@ -46,8 +46,9 @@ def state_key(unet: UNet) -> tuple:
 
 
 class FastUNet:
-    """Call like `UNet.forward(sample, timestep, encoder_hidden_states, timestep_cond)`; returns a fresh
-    tensor each call (never a graph's reused output buffer, which the next replay would overwrite)."""
+    """Call like `UNet.forward`; returns a fresh tensor each call (never a graph's reused output buffer,
+    which the next replay would overwrite). `cross_attention_kwargs` is checked, and has nothing to act on:
+    the LoRA scale it carries matters only while LoRA hooks run, and then the plain UNet runs instead."""
 
     def __init__(self, unet: UNet, compile: bool, cuda_graphs: bool):
         self.unet, self.compile, self.cuda_graphs = unet, compile, cuda_graphs
@@ -62,9 +63,9 @@ class FastUNet:
         self.failed = False
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                 timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         # Bad input gets the plain UNet's errors, not a tracing or capture failure.
-        self.unet._check_inputs(sample, timestep, encoder_hidden_states, timestep_cond, None)
+        self.unet._check_inputs(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
         if self.failed:
             return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
         timestep = torch.as_tensor(timestep, device=sample.device)

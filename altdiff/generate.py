@@ -24,7 +24,6 @@ from .noise import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .samplers import get_sampler
 from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
-from .unet import check_cross_attention_kwargs
 
 logger = logging.getLogger("altdiff")
 
@@ -198,7 +197,8 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSOR_INPUTS}")
     if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
         raise ValueError(f"callback_steps: must be a positive int, got {callback_steps!r}")
-    check_cross_attention_kwargs(cross_attention_kwargs)
+    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+        raise TypeError("cross_attention_kwargs: expected a dict such as {'scale': 0.5}")
     if seed is not None and generator is not None:
         raise ValueError("seed and generator: pass one of them, not both")
     total = batch_size * num_images_per_prompt
@@ -328,11 +328,8 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x = torch.cat([x] * 2) if do_cfg else x
-            if unet is pipe.unet:
-                pred = unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
-                            cross_attention_kwargs=cross_attention_kwargs)
-            else:  # FastUNet: no LoRA is active, so the scale in cross_attention_kwargs has nothing to act on
-                pred = unet(x, t, state["prompt_embeds"], timestep_cond)
+            pred = unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
+                        cross_attention_kwargs=cross_attention_kwargs)
             if do_cfg:
                 pred_uncond, pred_text = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)

@@ -43,20 +43,6 @@ def fourier_filter(x: torch.Tensor, scale: float, threshold: int = 1) -> torch.T
     return torch.fft.ifftn(freq, dim=(-2, -1)).real.to(x.dtype)
 
 
-def check_cross_attention_kwargs(kwargs: dict | None) -> None:
-    """The UNet takes {"scale": number} (the LoRA scale) or None."""
-    if kwargs is None:
-        return
-    if not isinstance(kwargs, dict):
-        raise TypeError(f"cross_attention_kwargs must be a dict or None, got {type(kwargs).__name__}")
-    unknown = sorted(set(kwargs) - {"scale"})
-    if unknown:
-        raise ValueError(f"cross_attention_kwargs: unsupported keys {unknown} (only 'scale' is accepted)")
-    scale = kwargs.get("scale", 1.0)
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-        raise TypeError(f"cross_attention_kwargs['scale'] must be a number, got {scale!r}")
-
-
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int, cond_dim: int | None):
         super().__init__()
@@ -331,7 +317,16 @@ class UNet(nn.Module):
                        else type(timestep_cond).__name__)
                 raise ValueError(f"timestep_cond must be a (1 or {batch}, {cfg.time_cond_proj_dim}) tensor, "
                                  f"got {got}")
-        check_cross_attention_kwargs(cross_attention_kwargs)
+        if cross_attention_kwargs is not None:
+            if not isinstance(cross_attention_kwargs, dict):
+                raise TypeError(f"cross_attention_kwargs must be a dict or None, "
+                                f"got {type(cross_attention_kwargs).__name__}")
+            unknown = sorted(set(cross_attention_kwargs) - {"scale"})
+            if unknown:
+                raise ValueError(f"cross_attention_kwargs: unsupported keys {unknown} (only 'scale' is accepted)")
+            scale = cross_attention_kwargs.get("scale", 1.0)
+            if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+                raise TypeError(f"cross_attention_kwargs['scale'] must be a number, got {scale!r}")
 
     def _check_spatial_size(self, size: torch.Size) -> None:
         """Refuse only the latent sizes diffusers would crash on. Any other size runs, as in diffusers: odd

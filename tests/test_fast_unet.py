@@ -101,6 +101,8 @@ def test_bad_input_gets_the_unets_errors(m9_folder, no_inductor):
         pipe.unet_runner()(x[:, :3], t, c)
     with pytest.raises(ValueError, match="encoder_hidden_states must be"):
         pipe.unet_runner()(x, t, c[:1])
+    with pytest.raises(ValueError, match="cross_attention_kwargs: unsupported keys \\['foo'\\]"):
+        pipe.unet_runner()(x, t, c, cross_attention_kwargs={"foo": 1})
 
 
 def test_compile_and_cuda_graphs_arguments(m9_folder):
