@@ -315,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entries = run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
                       safety_checker=not args.no_safety_checker, compile=args.compile,
-                      cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size,
-                      use_ray=args.ray,
+                      cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size, use_ray=args.ray,
                       concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
                       verbose=not args.quiet)
     except (ValueError, TypeError) as e:

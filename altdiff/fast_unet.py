@@ -6,9 +6,10 @@ than eager).
 
 A graph bakes in every pointer and Python-side switch it saw at capture, and on the CPU freezing folds the
 weights in as constants. So a `FastUNet` is only valid for the weights, device, dtype, FreeU and
-attention-slicing settings it was built with: `Pipeline.unet_runner()` compares `state_key(unet)` before each generation and
-rebuilds when anything moved (a `.to()`, `fuse_lora`, `enable_freeu`). Unfused LoRA adapters act through
-forward hooks that read run-time scales, so while any is active the plain UNet runs instead.
+attention-slicing settings it was built with: `Pipeline.unet_runner()` compares `state_key(unet)` before
+each generation and rebuilds when anything moved (a `.to()`, `fuse_lora`, `enable_freeu`). Unfused LoRA
+adapters act through forward hooks that read run-time scales, so while any is active the plain UNet runs
+instead.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ class FastUNet:
         self.failed = False
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+                 timestep_cond: torch.Tensor | None = None,
+                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         # Bad input gets the plain UNet's errors, not a tracing or capture failure.
-        self.unet._check_inputs(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
+        self.unet._check_inputs(sample, timestep, encoder_hidden_states, timestep_cond,
+                                cross_attention_kwargs)
         if self.failed:
-            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
+            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
         timestep = torch.as_tensor(timestep, device=sample.device)
         inputs = [sample, timestep, encoder_hidden_states.to(sample.dtype)]
         if timestep_cond is not None:
@@ -86,7 +89,7 @@ class FastUNet:
                           RuntimeWarning, stacklevel=2)
             self.failed = True
             self.graphs.clear()
-            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond)
+            return self.unet(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
         graph, static_inputs, static_out = self.graphs[key]
         for static, x in zip(static_inputs, inputs):
             static.copy_(x)

@@ -98,10 +98,12 @@ class Pipeline:
         run on the plain UNet."""
         lora = self.lora
         graphs = self.cuda_graphs and self.device.type == "cuda"
-        if not (self.compile or graphs) or (lora is not None and lora.enabled and set(lora.weights) - lora.fused):
+        lora_hooks = lora is not None and lora.enabled and set(lora.weights) - lora.fused
+        if not (self.compile or graphs) or lora_hooks:
             return self.unet
         fast = self._fast_unet
-        if fast is None or (fast.key, fast.compile, fast.cuda_graphs) != (state_key(self.unet), self.compile, graphs):
+        wanted = (state_key(self.unet), self.compile, graphs)
+        if fast is None or (fast.key, fast.compile, fast.cuda_graphs) != wanted:
             self._fast_unet = FastUNet(self.unet, compile=self.compile, cuda_graphs=graphs)
         return self._fast_unet
 

@@ -99,7 +99,8 @@ def unet_compiled(alt, ref, s: Settings) -> Result:
     alt_unet, ref_unet = _compiled(alt, ref)
     try:
         runs = {"altdiff": lambda: alt_unet(x, t, context),
-                "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context, return_dict=False)[0].clone()}
+                "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context,
+                                              return_dict=False)[0].clone()}
         note = _first_calls(runs, s)
         result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
     finally:
@@ -228,8 +229,8 @@ def end_to_end(alt, ref, s: Settings) -> list[Result]:
     if s.device.type == "cuda":
         alt.cuda_graphs = False
         try:
-            rows.append(compare("end to end, altdiff without CUDA graphs", shape, _e2e(alt, ref, s, s.size, s.steps),
-                                s.device, s.repeats, error=_uint8_error))
+            rows.append(compare("end to end, altdiff without CUDA graphs", shape,
+                                _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
         finally:
             alt.cuda_graphs = True
     return rows

@@ -103,6 +103,7 @@ def test_compiled_unet_and_generate_on_cuda(m9_folder):
     with torch.inference_mode():
         assert rel_err(fast.unet_runner()(x, t, c), plain.unet(x, t, c)) < 1e-3  # TF32 convolutions
     side = 8 * plain.vae_scale_factor  # the latent size compiled above: no second compilation
-    kw = dict(num_inference_steps=STEPS, output_type="latent", progress=False, seed=0, height=side, width=side)
+    kw = dict(num_inference_steps=STEPS, output_type="latent", progress=False, seed=0, height=side,
+              width=side)
     assert rel_err(fast.generate(PROMPT, **kw).images, plain.generate(PROMPT, **kw).images) < 1e-2
     assert not fast._fast_unet.failed
