@@ -56,17 +56,17 @@ def text_encoder(alt, ref, s: Settings) -> Result:
                    s.device, s.repeats)
 
 
+def _unet_inputs(alt, s: Settings):
+    x = s.latents(alt, 2)
+    context = torch.randn(2, 77, alt.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    return x, torch.tensor(500, device=s.device), context.to(s.device, s.dtype)
+
+
 def unet(alt, ref, s: Settings) -> Result:
     x, t, context = _unet_inputs(alt, s)
     runs = {"altdiff": lambda: alt.unet(x, t, context),
             "diffusers": lambda: ref.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]}
     return compare("UNet step", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
-
-
-def _unet_inputs(alt, s: Settings):
-    x = s.latents(alt, 2)
-    context = torch.randn(2, 77, alt.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
-    return x, torch.tensor(500, device=s.device), context.to(s.device, s.dtype)
 
 
 def _compiled(alt, ref):
@@ -202,7 +202,7 @@ def sampler(alt, ref, s: Settings) -> Result:
     return result
 
 
-def _e2e(alt, ref, s: Settings, size: int, steps: int):
+def _e2e(alt, ref, size: int, steps: int):
     common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, height=size,
                   width=size, output_type="np")
     return {"altdiff": lambda: alt.generate(PROMPT, seed=0, progress=False, **common).images,
@@ -223,14 +223,14 @@ def end_to_end(alt, ref, s: Settings) -> list[Result]:
     """Defaults against defaults; on CUDA also altdiff with cuda_graphs=False (every kernel launched from
     Python, as diffusers does)."""
     shape = f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}"
-    rows = [compare("end to end", shape, _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats,
+    rows = [compare("end to end", shape, _e2e(alt, ref, s.size, s.steps), s.device, s.repeats,
                     error=_uint8_error)]
     rows[0].note = _resident(s)
     if s.device.type == "cuda":
         alt.cuda_graphs = False
         try:
             rows.append(compare("end to end, altdiff without CUDA graphs", shape,
-                                _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
+                                _e2e(alt, ref, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
         finally:
             alt.cuda_graphs = True
     return rows
@@ -243,12 +243,12 @@ def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
     _compiled(alt, ref)
     eager_unet, ref.unet = ref.unet, ref.compiled_unet
     try:
-        runs = _e2e(alt, ref, s, s.size, s.steps)
+        runs = _e2e(alt, ref, s.size, s.steps)
         note = _first_calls(runs, s)
         rows = [compare("end to end, compiled", shape, runs, s.device, s.repeats, error=_uint8_error)]
         ref.unet = eager_unet
         rows.append(compare("end to end, altdiff compiled vs diffusers eager", shape,
-                            _e2e(alt, ref, s, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
+                            _e2e(alt, ref, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
     finally:
         ref.unet, alt.compile = eager_unet, False
     rows[0].note = note
@@ -261,7 +261,7 @@ def end_to_end_tiled(alt, ref, s: Settings) -> Result:
     ref.vae.enable_tiling()
     try:
         result = compare("end to end, VAE tiling", f"t2i {s.tiled_size}x{s.tiled_size}, 2 steps",
-                         _e2e(alt, ref, s, s.tiled_size, 2), s.device, 1, error=_uint8_error)
+                         _e2e(alt, ref, s.tiled_size, 2), s.device, 1, error=_uint8_error)
     finally:
         alt.vae.disable_tiling()
         ref.vae.disable_tiling()
