@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_path
+from .checks import is_number
 from .text_encoder import IGNORED_KEYS
 from .weights import WeightsError, read_state_dict
 
@@ -284,10 +285,6 @@ def _listing(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _state(pipe: Pipeline) -> LoraState:
     if pipe.lora is None:
         pipe.lora = LoraState()
@@ -300,7 +297,7 @@ def load_lora_weights(pipe: Pipeline, source: str | Path, adapter_name: str | No
     """Load a LoRA file onto the UNet and text encoder as a new active adapter with `weight`; returns the
     adapter's name (default `default_<n>`, as diffusers). A file that does not fit raises WeightsError and
     leaves the pipeline as it was."""
-    if not _is_number(weight):
+    if not is_number(weight):
         raise ValueError(f"weight: must be a finite number, got {weight!r}")
     path = _lora_file(source, weight_name)
     with pipe.lock:
@@ -340,7 +337,7 @@ def set_adapters(pipe: Pipeline, adapter_names: str | Sequence[str],
         missing = [n for n in names if n not in loaded]
         if missing:
             raise ValueError(f"adapter_names: {missing} not loaded (loaded: {loaded})")
-        if len(weights) != len(names) or not all(_is_number(w) for w in weights):
+        if len(weights) != len(names) or not all(is_number(w) for w in weights):
             raise ValueError(f"adapter_weights: expected one finite number per adapter ({len(names)}), "
                              f"got {adapter_weights!r}")
         if state.fused:
@@ -359,7 +356,7 @@ def fuse_lora(pipe: Pipeline, lora_scale: float = 1.0) -> None:
     """Add the active adapters' deltas (times their weights and `lora_scale`) into the base weights, so
     inference runs at the speed of the plain model. The original weights are kept: `unfuse_lora` restores
     them bit for bit. Fusing again first unfuses."""
-    if not _is_number(lora_scale):
+    if not is_number(lora_scale):
         raise ValueError(f"lora_scale: must be a finite number, got {lora_scale!r}")
     unfuse_lora(pipe)
     with pipe.lock, torch.no_grad():

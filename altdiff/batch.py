@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
+from .checks import is_int
 from .cli import add_runtime_options, image_infotext
 from .generate import generate
 from .images import open_image, save_png
@@ -56,10 +57,6 @@ def _hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _is_int(x, low: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and low <= x < 2**63
-
-
 def parse_request(line: str, model: str | None = None, base: Path = Path(".")) -> Request:
     """One line of a requests file. `model` is the default for requests that name none; relative image
     paths are taken from `base`. Problems are returned as a Request with `error`, never raised."""
@@ -81,10 +78,10 @@ def parse_request(line: str, model: str | None = None, base: Path = Path(".")) -
     for name in ("prompt", "model", "image"):
         if not isinstance(args.get(name, ""), str) or (name == "prompt" and name not in args):
             return bad(f"{name}: expected a string, got {type(args.get(name)).__name__}", request)
-    if not _is_int(args.get("num_images_per_prompt", 1), 1):
+    if not is_int(args.get("num_images_per_prompt", 1), 1, 2**63 - 1):
         return bad(f"num_images_per_prompt: expected a positive int, got {args['num_images_per_prompt']!r}",
                    request)
-    if "seed" in args and not _is_int(args["seed"], 0):
+    if "seed" in args and not is_int(args["seed"], 0, 2**63 - 1):
         return bad(f"seed: expected an int >= 0, got {args['seed']!r}", request)
     if model is not None:
         args.setdefault("model", model)
@@ -254,7 +251,7 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
     """Run every unfinished request of `requests_file` into `out`; returns the manifest entries (one per
     distinct request, in file order)."""
     for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
-        if not _is_int(value, 1):
+        if not is_int(value, 1, 2**63 - 1):
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value!r}")
     if not isinstance(num_gpus_per_worker, (int, float)) or not 0 <= num_gpus_per_worker < float("inf"):
         raise ValueError(f"--num-gpus-per-worker: must be >= 0, got {num_gpus_per_worker!r}")

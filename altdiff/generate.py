@@ -7,7 +7,6 @@ same order), so the same arguments and generator give the same image.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import prompts
 from .adapters import text_encoder_scale
+from .checks import is_number
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .noise import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
@@ -117,10 +117,6 @@ def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do
     return prompt_embeds, negative_prompt_embeds
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_unicode(name: str, texts: list[str]) -> None:
     # Lone surrogates (what Python makes of undecodable bytes in argv or files) cannot reach sentencepiece.
     for text in texts:
@@ -179,16 +175,16 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         raise ValueError("height/width: img2img takes its size from image; resize the image instead")
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps: must be a positive int, got {num_inference_steps!r}")
-    if not _is_number(guidance_scale):
+    if not is_number(guidance_scale):
         raise ValueError(f"guidance_scale: must be a finite number, got {guidance_scale!r}")
-    if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+    if not is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale: must be in [0, 1], got {guidance_rescale!r}")
-    if not _is_number(eta) or eta < 0:
+    if not is_number(eta) or eta < 0:
         raise ValueError(f"eta: must be a number >= 0, got {eta!r}")
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or (
             num_images_per_prompt < 1):
         raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images_per_prompt!r}")
-    if image is not None and (not _is_number(strength) or not 0 <= strength <= 1):
+    if image is not None and (not is_number(strength) or not 0 <= strength <= 1):
         raise ValueError(f"strength: must be in [0.0, 1.0], got {strength!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type: must be one of {OUTPUT_TYPES}, got {output_type!r}")
