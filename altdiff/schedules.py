@@ -152,7 +152,8 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def _alphas_cumprod(sampler: str, cfg: dict) -> torch.Tensor:
+def train_alphas_cumprod(sampler: str, cfg: dict) -> torch.Tensor:
+    """alphas_cumprod over the training timesteps, as the sampler's diffusers class computes it."""
     n = cfg["num_train_timesteps"]
     if cfg["trained_betas"] is not None:
         betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
@@ -281,7 +282,7 @@ def make_schedule(sampler: str, config: SchedulerConfig, num_inference_steps: in
         raise ValueError(f"num_inference_steps: expected 1 <= N <= num_train_timesteps={n_train}, "
                          f"got {num_inference_steps}")
     n = num_inference_steps
-    alphas_cumprod = _alphas_cumprod(sampler, cfg)
+    alphas_cumprod = train_alphas_cumprod(sampler, cfg)
     final_alpha_cumprod = torch.tensor(1.0) if cfg.get("set_alpha_to_one") else alphas_cumprod[0]
     extra = {}
     init_noise_sigma = 1.0

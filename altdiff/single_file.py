@@ -8,12 +8,18 @@ table serves both directions, `altdiff.load("model.safetensors")` and `python -m
 Shapes fix almost every config field. Those they cannot fix take the released models' values:
 UNet heads (8 for SD1-style m9; width/64 per block for SD2-style m18, i.e. [5, 10, 20, 20]), XLM-R heads
 (hidden/64), sample sizes (512 px images), VAE scaling 0.18215 and the hub repos' PNDM scheduler. A model
-that differs (e.g. the tiny test models) passes `overrides`.
+that differs (e.g. the tiny test models) passes `overrides`. Files written by `weights_convert --to-original`
+carry their full config in the safetensors `__metadata__` (`altdiff.config`), so they need none.
+
+Files also carry tensors the original LDM / webui modules own but AltDiffusion never computes with; `UNUSED`
+lists them by group. Anything else that no table claims is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig, read_json
 from .safety import SafetyChecker, load_safety_checker
+from .schedules import resolve_config, sampler_for_config, train_alphas_cumprod
 from .text_encoder import IGNORED_KEYS as TEXT_ENCODER_IGNORED_KEYS
 from .text_encoder import TextEncoder
 from .tokenizer import MODEL_FILE, Tokenizer
@@ -48,10 +55,55 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
-# Tensors an original file may carry that no diffusers component holds: the VAE's training loss and
-# XLM-R's position_ids buffer (recomputed by every loader). Schedule buffers (betas, alphas_cumprod, ...) and
-# EMA bookkeeping live outside the component prefixes and are skipped anyway.
-DROPPED = (VAE_PREFIX + "loss.", TEXT_PREFIX + "roberta.embeddings.position_ids")
+METADATA_KEY = "altdiff.config"
+
+log = logging.getLogger(__name__)
+
+# LDM's DDPM.register_schedule() buffers (ldm/models/diffusion/ddpm.py), all derived from `betas`.
+DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2")
+# The ones the webui's samplers read (k-diffusion's CompVisDenoiser and LDM's DDIM/PLMS); checked against the
+# scheduler config, so ignoring them cannot change the image.
+CHECKED_SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev")
+
+
+@dataclass(frozen=True)
+class Unused:
+    """A group of tensors that original files carry and AltDiffusion's computation never reads. `keys` are
+    full keys, or prefixes ending in '.'; `architectures` limits the group to m9 or m18."""
+
+    name: str
+    keys: tuple[str, ...]
+    why: str
+    architectures: tuple[str, ...] = ("m9", "m18")
+
+    def claims(self, key: str, architecture: str) -> bool:
+        return architecture in self.architectures and any(
+            key == k or (k.endswith(".") and key.startswith(k)) for k in self.keys)
+
+
+UNUSED = (
+    Unused("DDPM schedule buffers", DDPM_BUFFERS,
+           "LDM's noise schedule; the samplers compute theirs from the scheduler config, and betas / "
+           "alphas_cumprod / alphas_cumprod_prev are checked to agree with it"),
+    Unused("LatentDiffusion scale_factor", ("scale_factor",),
+           "the latent scale as a buffer (scale_by_std); checked to equal the VAE's scaling_factor"),
+    Unused("learned log-variance", ("logvar",), "LDM's learn_logvar loss weights, training only"),
+    Unused("EMA counters", (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"), "LitEma's bookkeeping"),
+    Unused("VAE training loss", (VAE_PREFIX + "loss.",), "the autoencoder's LPIPS/discriminator, training only"),
+    Unused("XLM-R position_ids", (TEXT_PREFIX + "roberta.embeddings.position_ids",),
+           "a buffer older transformers saved; positions are computed from the token ids (fairseq rule)"),
+    Unused("m9 pre_LN", (TEXT_PREFIX + "pre_LN.",),
+           "the webui's XLM-R module (modules/xlmr.py) always owns a pre_LN, but m9 projects the last hidden "
+           "state with `transformation` alone", ("m9",)),
+)
+# Unused by choice (`Options.ema`), in files with LitEma copies.
+EMA_COPIES = Unused("EMA copies of the UNet", (EMA_PREFIX,), "ema=False takes the live weights")
+LIVE_UNET = Unused("live UNet weights", (UNET_PREFIX,), "their EMA copies are used")
+# Not listed: XLM-R's pooler. diffusers' text encoder holds one, so conversion keeps it; altdiff's TextEncoder
+# skips it on loading (text_encoder.IGNORED_KEYS).
 
 # The hub repos' scheduler (BAAI/AltDiffusion-m9 and -m18 ship the same one).
 SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
@@ -199,6 +251,10 @@ class CheckpointFile:
         state_dict = read_state_dict(self.path)
         self.shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
         self._tensors = None if self.path.suffix == ".safetensors" else state_dict
+        self.metadata = {}
+        if self._tensors is None:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.metadata = f.metadata() or {}
 
     def read(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self._tensors is not None:
@@ -322,12 +378,13 @@ def infer_text_encoder_config(shapes: dict[str, tuple], source: str) -> dict:
 @dataclass
 class Options:
     """What a single file cannot tell. `architecture`: 'auto' | 'm9' | 'm18' (an explicit one must match the
-    file); `image_size`: the training resolution (sets UNet and VAE sample_size); `ema`: None uses EMA
-    weights when the file has them, True requires them, False ignores them; the per-component dicts override
-    inferred config fields (e.g. {"text_encoder": {"num_attention_heads": 4}})."""
+    file); `image_size`: the training resolution (sets UNet and VAE sample_size; None: the file's metadata,
+    else 512); `ema`: None uses EMA weights when the file has them, True requires them, False ignores them;
+    the per-component dicts override inferred and metadata config fields (e.g.
+    {"text_encoder": {"num_attention_heads": 4}})."""
 
     architecture: str = "auto"
-    image_size: int = 512
+    image_size: int | None = None
     ema: bool | None = None
     unet: dict = dataclasses.field(default_factory=dict)
     vae: dict = dataclasses.field(default_factory=dict)
@@ -344,7 +401,8 @@ class Options:
         options = cls(**data)
         if options.architecture not in ("auto",) + ARCHITECTURES:
             raise ValueError(f"{what}: architecture={options.architecture!r} (expected 'auto', 'm9' or 'm18')")
-        if not isinstance(options.image_size, int) or options.image_size <= 0 or options.image_size % 8:
+        size = options.image_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 8):
             raise ValueError(f"{what}: image_size={options.image_size!r} (expected a positive multiple of 8)")
         if options.ema not in (None, True, False):
             raise ValueError(f"{what}: ema={options.ema!r} (expected None, True or False)")
@@ -380,17 +438,54 @@ class Conversion:
             yield component, out
 
 
-def _apply_overrides(config: dict, overrides: dict, cls, component: str) -> dict:
-    allowed = {f.name for f in dataclasses.fields(cls)} | set(config)
+CONFIG_CLASSES = {"text_encoder": TextEncoderConfig, "unet": UNetConfig, "vae": VAEConfig,
+                  "scheduler": SchedulerConfig}
+PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
+
+
+def _apply_overrides(config: dict, overrides: dict, component: str) -> dict:
+    allowed = {f.name for f in dataclasses.fields(CONFIG_CLASSES[component])} | set(config)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"config: unknown {component} fields {unknown}")
     return {**config, **overrides}
 
 
+def stored_config(configs: dict[str, dict]) -> dict[str, str]:
+    """The safetensors `__metadata__` entry that `--to-original` writes: the variant and each component's
+    diffusers config (less its private `_*` keys but the scheduler's `_class_name`), so that reading the file
+    back needs no overrides and converting it back gives the folder's configs."""
+    data = {"architecture": "m18" if configs["text_encoder"].get("has_pre_transformation") else "m9"}
+    for component in CONFIG_CLASSES:
+        if component in configs:
+            data[component] = {k: v for k, v in configs[component].items()
+                               if not k.startswith("_") or k == "_class_name"}
+    return {METADATA_KEY: json.dumps(data, sort_keys=True)}
+
+
+def _read_stored_config(file: CheckpointFile, architecture: str, source: str) -> dict:
+    """`stored_config`'s entry of the file, checked; {} when it has none (every file but ours)."""
+    text = file.metadata.get(METADATA_KEY)
+    if text is None:
+        return {}
+    where = f"{source}: __metadata__[{METADATA_KEY!r}]"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise WeightsError(f"{where} is not JSON") from None
+    fields = {"architecture", *CONFIG_CLASSES}
+    if not isinstance(data, dict) or set(data) - fields or not all(
+            isinstance(data.get(c, {}), dict) for c in CONFIG_CLASSES):
+        raise WeightsError(f"{where}: expected a JSON object with some of {sorted(fields)}, one config object "
+                           "per component")
+    if data.get("architecture", architecture) != architecture:
+        raise WeightsError(f"{where} says {data['architecture']!r}, but the tensors are {architecture}")
+    return data
+
+
 def plan_conversion(path: str | Path, options: Options | dict | None = None) -> Conversion:
     """Open an original file, detect m9/m18, infer the configs and map every tensor; all checks happen here,
-    before any tensor is read."""
+    before any weight is read. Config precedence: inferred from shapes < the file's stored config < `options`."""
     options = options if isinstance(options, Options) else Options.from_dict(options)
     file = CheckpointFile(path)
     source = str(file.path)
@@ -400,15 +495,24 @@ def plan_conversion(path: str | Path, options: Options | dict | None = None) -> 
         raise WeightsError(f"{source}: config {options.architecture} was asked for, but the file is "
                            f"{architecture} (text encoder {'with' if architecture == 'm18' else 'without'} "
                            "transformation_pre)")
-    vae = _apply_overrides(infer_vae_config(shapes, options.image_size, source), options.vae, VAEConfig, "vae")
+    stored = _read_stored_config(file, architecture, source)
+    if options.image_size is not None:  # an explicit training resolution wins over the stored sample sizes
+        stored = {c: {k: v for k, v in d.items() if k != "sample_size"}
+                  for c, d in stored.items() if c != "architecture"}
+
+    def merge(component: str, inferred: dict) -> dict:
+        # Like a folder's config.json, a stored config may hold fields altdiff does not read.
+        return _apply_overrides({**inferred, **stored.get(component, {})}, getattr(options, component), component)
+
+    image_size = options.image_size or 512
+    vae = merge("vae", infer_vae_config(shapes, image_size, source))
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     configs = {
         "vae": vae,
-        "unet": _apply_overrides(infer_unet_config(shapes, options.image_size, scale, source), options.unet,
-                                 UNetConfig, "unet"),
-        "text_encoder": _apply_overrides(infer_text_encoder_config(shapes, source), options.text_encoder,
-                                         TextEncoderConfig, "text_encoder"),
-        "scheduler": _apply_overrides(dict(SCHEDULER), options.scheduler, SchedulerConfig, "scheduler"),
+        "unet": merge("unet", infer_unet_config(shapes, image_size, scale, source)),
+        "text_encoder": merge("text_encoder", infer_text_encoder_config(shapes, source)),
+        # A stored scheduler config replaces the hub repos' whole: it may be of another class.
+        "scheduler": merge("scheduler", {} if "scheduler" in stored else dict(SCHEDULER)),
     }
     has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in shapes)
     if options.ema and not has_ema:
@@ -418,31 +522,85 @@ def plan_conversion(path: str | Path, options: Options | dict | None = None) -> 
         blocks = component_blocks(configs)
     except ConfigError as e:
         raise WeightsError(f"{source}: the inferred config is not usable ({e})") from None
-    plan, unexpected = {}, []
-    for component, table in blocks.items():
-        index = {b.ldm: b for b in table}
-        prefix = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}[component]
-        entries = []
-        for key in shapes:
-            if not key.startswith(prefix) or key.startswith(DROPPED):
-                continue
-            renamed = _rename(key, index, to_diffusers=True)
-            if renamed is None:
-                unexpected.append(key)
-            else:
-                entries.append((ema_key(key) if component == "unet" and uses_ema else key, *renamed))
-        plan[component] = entries
+    indexes = {component: {b.ldm: b for b in table} for component, table in blocks.items()}
+    ema_copies = {ema_key(k) for k in shapes if k.startswith(UNET_PREFIX)}
+    plan = {component: [] for component in COMPONENTS}
+    ignored, unexpected = {}, []
+    for key in shapes:
+        group = next((g for g in UNUSED if g.claims(key, architecture)), None)
+        if group is None and key in ema_copies:
+            if uses_ema:
+                continue  # read in place of its live weight, below
+            group = EMA_COPIES
+        if group is not None:
+            ignored.setdefault(group, []).append(key)
+            continue
+        component = next((c for c, prefix in PREFIXES.items() if key.startswith(prefix)), None)
+        renamed = _rename(key, indexes[component], to_diffusers=True) if component else None
+        if renamed is None:
+            unexpected.append(key)
+            continue
+        if component == "unet" and uses_ema:
+            ignored.setdefault(LIVE_UNET, []).append(key)
+            key = ema_key(key)
+        plan[component].append((key, *renamed))
+    for group, keys in ignored.items():
+        log.debug("%s: ignored %d tensors, %s (%s): %s%s", source, len(keys), group.name, group.why,
+                  ", ".join(keys[:16]), ", ..." if len(keys) > 16 else "")
     if unexpected:
         raise WeightsError(f"{source}: {len(unexpected)} tensors do not fit the AltDiffusion layout inferred "
-                           f"from the file (first: {unexpected[:5]})")
+                           f"from the file (first: {unexpected[:5]}); only the groups in "
+                           "altdiff.single_file.UNUSED are known to be unused")
     if uses_ema:
         missing = [s for s, _, _ in plan["unet"] if s not in shapes]
         if missing:
             raise WeightsError(f"{source}: the EMA weights are incomplete ({len(missing)} UNet tensors have no "
                                f"EMA copy, first: {missing[:3]}); pass ema=False to use the non-EMA weights")
+    _check_ignored_values(file, configs, source)
     conversion = Conversion(file, architecture, uses_ema, configs, plan)
     _check_against_models(conversion, source)
     return conversion
+
+
+def _agrees(tensor: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to the rounding of the file's storage dtype (webui "save as half" files hold fp16 buffers)."""
+    if tuple(tensor.shape) != tuple(expected.shape) or not tensor.is_floating_point():
+        return False
+    rtol = max(torch.finfo(tensor.dtype).eps, 1e-5)
+    return torch.allclose(tensor.double(), expected.double(), rtol=rtol, atol=1e-6)
+
+
+def _check_ignored_values(file: CheckpointFile, configs: dict[str, dict], source: str) -> None:
+    """The ignored tensors that the webui computes with must agree with the configs altdiff computes with:
+    otherwise the file would give another image here than there."""
+    keys = [k for k in (*CHECKED_SCHEDULE, "scale_factor") if k in file.shapes]
+    if not keys:
+        return
+    tensors = dict(file.read(keys))
+    if "scale_factor" in tensors:
+        expected = torch.tensor(float(configs["vae"]["scaling_factor"]))
+        if not _agrees(tensors["scale_factor"], expected):
+            raise WeightsError(f"{source}: scale_factor={tensors['scale_factor'].tolist()} differs from the VAE's "
+                               f"scaling_factor={expected.item()}; pass config={{'vae': {{'scaling_factor': ...}}}}")
+    schedule = [k for k in CHECKED_SCHEDULE if k in tensors]
+    if not schedule:
+        return
+    scheduler = SchedulerConfig.from_dict(configs["scheduler"], f"{source} (scheduler)")
+    sampler = sampler_for_config(scheduler)
+    cfg = resolve_config(sampler, scheduler)
+    alphas_cumprod = train_alphas_cumprod(sampler, cfg).double()
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    expected = {"betas": 1 - alphas_cumprod / previous, "alphas_cumprod": alphas_cumprod,
+                "alphas_cumprod_prev": previous}
+    for key in schedule:
+        if not _agrees(tensors[key], expected[key]):
+            described = (f"trained_betas ({len(cfg['trained_betas'])} values)" if cfg["trained_betas"] is not None
+                         else f"{cfg['beta_schedule']} {cfg['beta_start']}..{cfg['beta_end']}")
+            raise WeightsError(
+                f"{source}: the file's noise schedule ({key}, {tensors[key].numel()} steps) differs from the "
+                f"scheduler config's ({described}, {cfg['num_train_timesteps']} steps), which the samplers use; "
+                "pass config={'scheduler': {...}} matching the file (e.g. beta_start/beta_end/beta_schedule or "
+                "trained_betas)")
 
 
 def _expected_shape(shape: tuple, block: Block) -> tuple:
@@ -474,11 +632,19 @@ def read_component(folder: Path, component: str) -> StateDict:
     return rename_legacy_attention_keys(state_dict) if component == "vae" else state_dict
 
 
+def folder_configs(folder: Path) -> dict[str, dict]:
+    """The component configs of a diffusers-layout folder, and its scheduler config when it has one."""
+    configs = {c: read_json(folder / c / "config.json") for c in COMPONENTS}
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        configs["scheduler"] = read_json(folder / "scheduler" / "scheduler_config.json")
+    return configs
+
+
 def to_original_state_dict(folder: str | Path, dtype: torch.dtype | None = None,
                            progress: bool = False) -> StateDict:
     """A diffusers-layout AltDiffusion folder as one LDM-layout state dict (what the webui loads)."""
     folder = Path(folder)
-    configs = {c: read_json(folder / c / "config.json") for c in COMPONENTS}
+    configs = folder_configs(folder)
     out = {}
     for component, blocks in component_blocks(configs).items():
         index = {b.diffusers: b for b in blocks}

@@ -7,6 +7,7 @@ Pickled formats go through `torch.load(weights_only=True)` only, which refuses a
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import struct
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from torch import nn
 
 StateDict = dict[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
+log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -155,6 +157,9 @@ def load_module(build: Callable[[], M], state_dict: StateDict, source: str, *,
     with torch.device("meta"):
         model = build()
     ignore = tuple(ignore)
+    skipped = [k for k in state_dict if ignore and k.startswith(ignore)]
+    if skipped:
+        log.debug("%s: ignored %d unused tensors: %s", source, len(skipped), ", ".join(skipped))
     state_dict = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
     check_state_dict(model, state_dict, source)
     converted = {}

@@ -4,6 +4,7 @@ Original files are written from the tiny diffusers folders with our inverse tabl
 converter (`convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`) checks those tables independently,
 and diffusers loads and runs every folder we write."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,14 +12,16 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import RobertaSeriesConfig
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import tiny_options
 
 import altdiff
 from altdiff.config import ConfigError
-from altdiff.single_file import Options, plan_conversion
+from altdiff.single_file import SCHEDULER, Options, plan_conversion
 from altdiff.weights import WeightsError
 from weights_convert import convert, to_original
 from weights_convert.__main__ import main
@@ -30,11 +33,6 @@ WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pyto
 TEXT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "bos_token_id",
                "eos_token_id", "project_dim", "has_pre_transformation", "hidden_act", "use_attention_mask")
-
-
-def tiny_options(variant: str, **extra) -> dict:
-    unet = {"attention_head_dim": [2, 4]} if variant == "m18" else {}
-    return {"image_size": 32, "text_encoder": {"num_attention_heads": 4}, "unet": unet, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +162,7 @@ def test_ckpt_with_state_dict_wrapper_and_ema(folders, originals, tmp_path):
             tensor = tensor + 1
         state[key] = tensor
     state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10),
-                  "betas": torch.linspace(0.00085, 0.012, 1000), "alphas_cumprod": torch.ones(1000)})
+                  **tiny.ldm_schedule_buffers()})
     path = tmp_path / "train.ckpt"
     torch.save({"state_dict": state, "global_step": 10, "epoch": 1}, path)
     out = convert_tiny(path, tmp_path / "ema", "m9", folders["m9"])
@@ -337,6 +335,83 @@ def test_argument_errors(folders, originals, tmp_path):
     assert all(nothing_written(tmp_path / f"o{i}") for i in range(1, 8))
 
 
+@pytest.fixture(scope="module")
+def ddim_m18(folders, tmp_path_factory):
+    """A tiny m18 whose heads ([2, 4]), sample size (16) and scheduler (DDIM, other betas) all differ from
+    what a single file's shapes give, written as an original file by the CLI."""
+    root = tmp_path_factory.mktemp("ddim_m18")
+    src = root / "src"
+    shutil.copytree(folders["m18"], src)
+    shutil.rmtree(src / "scheduler")
+    DDIMScheduler(beta_start=0.001, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(src / "scheduler")
+    assert main([str(src), str(root / "model.safetensors"), "--to-original", "--quiet"]) == 0
+    return src, root / "model.safetensors"
+
+
+def test_to_original_stores_the_config(ddim_m18, tmp_path):
+    """--to-original writes what shapes cannot tell into __metadata__, so the file converts back and loads
+    with no config= and gives diffusers' image of the folder it came from."""
+    src, original = ddim_m18
+    with safe_open(original, framework="pt") as f:
+        stored = json.loads(f.metadata()["altdiff.config"])
+    assert stored["architecture"] == "m18" and stored["unet"]["attention_head_dim"] == [2, 4]
+    assert stored["scheduler"]["_class_name"] == "DDIMScheduler"
+    out = convert(original, tmp_path / "out", tokenizer=src, safety_checker=src, progress=False)
+    assert diffusers_configs(out) == diffusers_configs(src)
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["beta_start"] == 0.001
+    pipe = altdiff.load(original, device="cpu", dtype=torch.float32, tokenizer=src, safety_checker=None)
+    ours = pipe.generate(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                         output_type="np", progress=False).images
+    reference = tiny.load_reference(src, DDIMScheduler)
+    reference.safety_checker = None
+    assert np.abs(ours - image(reference)).max() * 255 <= 1
+    # Sensitivity: the stored DDIM config matters (the default PNDM gives another image).
+    pndm = altdiff.load(original, device="cpu", tokenizer=src, safety_checker=None,
+                        config={"scheduler": dict(SCHEDULER)})
+    other = pndm.generate(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                          output_type="np", progress=False).images
+    assert np.abs(other - ours).max() * 255 > 1
+
+
+def test_explicit_config_wins_over_stored(ddim_m18):
+    _, original = ddim_m18
+    configs = plan_conversion(original, {"image_size": 64, "unet": {"attention_head_dim": [4, 4]},
+                                         "scheduler": {"beta_end": 0.03}}).configs
+    assert configs["unet"]["attention_head_dim"] == [4, 4] and configs["unet"]["sample_size"] == 32
+    assert configs["vae"]["sample_size"] == 64
+    assert configs["scheduler"]["beta_end"] == 0.03 and configs["scheduler"]["_class_name"] == "DDIMScheduler"
+    assert configs["text_encoder"]["num_attention_heads"] == 4  # stored, not overridden
+
+
+@pytest.mark.parametrize("stored,message", [
+    ("{not json", "is not JSON"),
+    ('{"architecture": "m9"}', "says 'm9', but the tensors are m18"),
+    ('{"unet": [1]}', "expected a JSON object"),
+    ('{"colour": "red"}', "expected a JSON object"),
+])
+def test_bad_stored_config(ddim_m18, tmp_path, stored, message):
+    _, original = ddim_m18
+    path = tmp_path / "bad.safetensors"
+    save_file(load_file(original), path, metadata={"format": "pt", "altdiff.config": stored})
+    with pytest.raises(WeightsError, match=r"bad\.safetensors: __metadata__\['altdiff\.config'\]"):
+        plan_conversion(path)
+    with pytest.raises(WeightsError, match=message):
+        plan_conversion(path)
+
+
+def test_stored_config_is_checked_against_the_tensors(ddim_m18, tmp_path):
+    _, original = ddim_m18
+    with safe_open(original, framework="pt") as f:
+        stored = json.loads(f.metadata()["altdiff.config"])
+    stored["unet"]["cross_attention_dim"] = 48
+    path = tmp_path / "bad.safetensors"
+    save_file(load_file(original), path, metadata={"format": "pt", "altdiff.config": json.dumps(stored)})
+    with pytest.raises(WeightsError, match=r"\(unet\).*shape mismatches"):
+        plan_conversion(path)
+
+
 def test_to_original_refuses_unknown_tensors(folders, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(folders["m9"], src)
@@ -368,8 +443,6 @@ def test_default_head_rules(originals):
 
 
 def test_cli(folders, originals, tmp_path, capsys):
-    import json
-
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({k: v for k, v in tiny_options("m9").items() if k != "image_size"}))
     out = tmp_path / "out"

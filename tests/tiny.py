@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # A small multilingual corpus for a ~300-piece sentencepiece BPE model (the 9 m9 languages and more).
@@ -126,6 +127,39 @@ def make_sensitive(unet, text_encoder, factor: float = SENSITIVITY) -> None:
         for name in ("transformation", "transformation_pre"):
             if hasattr(text_encoder, name):
                 getattr(text_encoder, name).weight.mul_(factor)
+
+
+def tiny_options(variant: str, **extra) -> dict:
+    """`config=` for a tiny model's single file without stored config: what its shapes cannot tell (the real
+    models follow altdiff's default rules)."""
+    unet = {"attention_head_dim": [2, 4]} if variant == "m18" else {}
+    return {"image_size": 32, "text_encoder": {"num_attention_heads": 4}, "unet": unet, **extra}
+
+
+def ldm_schedule_buffers(linear_start: float = 0.00085, linear_end: float = 0.012,
+                         timesteps: int = 1000) -> dict[str, torch.Tensor]:
+    """The buffers LDM's `DDPM.register_schedule()` saves in every checkpoint (ldm/models/diffusion/ddpm.py,
+    beta_schedule "linear", v_posterior 0), computed as it does: float64 numpy, stored as float32."""
+    betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    values = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
 
 
 def build_components(variant: str, tokenizer_dir: Path, seed: int = 0, unet_overrides: dict | None = None):

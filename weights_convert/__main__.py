@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", choices=["auto", "m9", "m18"], default=None,
                         help="architecture of a single file (default: detected from the tensors)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="training resolution of a single file, sets the sample sizes (default 512)")
+                        help="training resolution of a single file, sets the sample sizes (default: the file's "
+                             "stored config, else 512)")
     parser.add_argument("--config-json", metavar="FILE",
                         help="JSON of config overrides, e.g. {\"text_encoder\": {\"num_attention_heads\": 4}}")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,

@@ -19,10 +19,12 @@ from altdiff.single_file import (
     DEFAULT_REPOS,
     Options,
     check_tokenizer,
+    folder_configs,
     is_single_file,
     plan_conversion,
     read_component,
     safety_checker_folders,
+    stored_config,
     to_original_state_dict,
     tokenizer_folder,
 )
@@ -61,16 +63,16 @@ def staged(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save(state_dict: StateDict, path: Path) -> None:
+def _save(state_dict: StateDict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors refuses tensors that share memory (tied weights, views of one pickled storage): copy
-    those; everything else is written as it is."""
+    those; everything else is written as it is. `metadata` joins the header's `__metadata__`."""
     seen, owned = set(), {}
     for key, tensor in state_dict.items():
         ptr = tensor.untyped_storage().data_ptr()
         owned[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor.contiguous()
         seen.add(ptr)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(owned, str(path), metadata={"format": "pt"})
+    save_file(owned, str(path), metadata={"format": "pt", **(metadata or {})})
 
 
 def _write_json(data: dict, path: Path) -> None:
@@ -162,7 +164,9 @@ def to_original(src: str | Path, out: str | Path, *, dtype: torch.dtype | None =
                 progress: bool = True) -> Path:
     """A diffusers AltDiffusion folder → one original LDM-layout file (.safetensors, or .ckpt with a
     `state_dict` wrapper), as the AUTOMATIC1111 webui loads it. Tokenizer and safety checker are not part of
-    that format and are left out."""
+    that format and are left out. A .safetensors OUT carries the configs shapes cannot tell (heads, sample
+    sizes, scheduler, m9/m18) in its `__metadata__`, so `altdiff.load(OUT)` needs no `config=`; a .ckpt
+    cannot."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
         raise ValueError(f"SRC: {src} is not a diffusers-layout folder (--to-original converts folders)")
@@ -173,5 +177,5 @@ def to_original(src: str | Path, out: str | Path, *, dtype: torch.dtype | None =
         if out.suffix == ".ckpt":
             torch.save({"state_dict": state_dict}, tmp)
         else:
-            _save(state_dict, tmp)
+            _save(state_dict, tmp, stored_config(folder_configs(src)))
     return out
