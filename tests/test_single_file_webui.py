@@ -2,7 +2,7 @@
 
 The text encoder is rebuilt as the webui owns it (modules/xlmr.py, modules/xlmr_m18.py,
 `BertSeriesModelWithTransformation`): a transformers `XLMRobertaModel` with its pooler, a `pre_LN` LayerNorm
-(random here: m9 never uses it, so a loader that did would give another image), `transformation` and, on m18,
+(random here, far from the identity: m9 never uses it), `transformation` and, on m18,
 `transformation_pre`; its state dict goes under `cond_stage_model.` with the `position_ids` buffer that
 the transformers of the webui's time saved. UNet and VAE go under LDM names (the to-original tables, checked
 against diffusers' own converter in test_convert.py), next to LDM's DDPM buffers and LitEma's counters, stored
@@ -147,7 +147,7 @@ def test_webui_file_gives_diffusers_image(folders, webui_files, references, vari
 @pytest.mark.parametrize("variant", ["m9", "m18"])
 def test_images_follow_the_text_path(folders, webui_files, references, variant):
     """Sensitivity: the prompt moves these images by many levels, so the equalities above check the text
-    encoder (and that m9 leaves the random pre_LN alone)."""
+    encoder."""
     other = altdiff_image(webui_files[variant, "fp32", ".safetensors"], folders[variant], variant, OTHER_PROMPT)
     assert levels(other, references(variant, "fp32")) > 30
 
