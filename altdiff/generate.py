@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import prompts
-from .adapters import text_encoder_scale
 from .checks import is_number
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
+from .lora import prompt_networks, text_encoder_scale
 from .noise import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .samplers import get_sampler
@@ -37,6 +38,8 @@ _loaded: dict[str, Pipeline] = {}
 class GenerationResult:
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None
+    # The webui's infotext fields for the networks the prompts named ("Lora hashes", "TI hashes").
+    infotext: dict[str, str] = field(default_factory=dict)
 
 
 def get_model(model: Pipeline | str | None) -> Pipeline:
@@ -252,11 +255,14 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              cross_attention_kwargs: dict | None = None, guidance_rescale: float = 0.0,
              clip_skip: int | None = None, sampler: str | None = None,
              callback: Callable | None = None, callback_steps: int | None = None, progress: bool = True,
-             a1111_prompts: bool = False):
+             a1111_prompts: bool = False, lora_dir: str | Path | None = None,
+             embeddings_dir: str | Path | None = None):
     """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
     pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
-    AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts)."""
+    AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
+    `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
+    prompt names their file (altdiff.lora.prompt_networks)."""
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
@@ -294,12 +300,13 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         schedule = schedule_for_strength(schedule, strength)
         steps = min(int(num_inference_steps * strength), num_inference_steps)
 
-    with pipe.lock, torch.inference_mode():
+    with pipe.lock, prompt_networks(pipe, prompt, negative_prompt, a1111_prompts=a1111_prompts, lora_dir=lora_dir,
+                                    embeddings_dir=embeddings_dir) as networks, torch.inference_mode():
         device = pipe.device
         do_cfg = guidance_scale > 1 and unet_cfg.time_cond_proj_dim is None
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds = encode_prompt(
-            pipe, prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
+            pipe, networks.prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
             negative_prompt_embeds, lora_scale, clip_skip, a1111_prompts=a1111_prompts)
         dtype = prompt_embeds.dtype
         state = {"prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
@@ -370,4 +377,4 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
             images = postprocess(decoded, output_type, [not f for f in nsfw] if nsfw else [True] * len(decoded))
     if not return_dict:
         return images, nsfw
-    return GenerationResult(images=images, nsfw_content_detected=nsfw)
+    return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from . import adapters
+from . import lora as lora_adapters
+from . import textual_inversion
 from .config import ModelIndex, SchedulerConfig
 from .fast_unet import FastUNet, state_key
 from .hub import resolve
@@ -63,8 +64,8 @@ class Pipeline:
     source: str = ""
     # One generate() at a time per Pipeline: the modules and their switches are shared state.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # LoRA adapters (hooks on the UNet and text encoder), set by load_lora_weights.
-    lora: adapters.LoraState | None = field(default=None, repr=False)
+    # LoRA / LoHa / LoKr adapters (hooks on the UNet and text encoder), set by load_lora_weights.
+    lora: lora_adapters.LoraState | None = field(default=None, repr=False)
     # How generate() runs the UNet (altdiff.fast_unet): recorded as CUDA graphs on CUDA, torch.compile'd
     # when asked. Built on first use, rebuilt when weights or switches change.
     compile: bool = False
@@ -155,36 +156,37 @@ class Pipeline:
     def disable_vae_tiling(self) -> None:
         self.vae.disable_tiling()
 
-    def load_lora_weights(self, path_or_repo: str | Path, adapter_name: str | None = None, weight: float = 1.0,
-                          strict: bool = True, weight_name: str | None = None) -> str:
-        """Add a LoRA (kohya/A1111 or diffusers/PEFT file) as an active adapter; returns its name."""
-        return adapters.load_lora_weights(self, path_or_repo, adapter_name, weight, strict, weight_name)
+    def load_lora_weights(self, path_or_repo: str | Path, adapter_name: str | None = None,
+                          weight: float | dict = 1.0, strict: bool = True, weight_name: str | None = None) -> str:
+        """Add an adapter file (LoRA, LoHa or LoKr; kohya/webui/LyCORIS or diffusers/PEFT names) as an active
+        adapter with `weight` (a number, or {"unet": w, "text_encoder": w}); returns its name."""
+        return lora_adapters.load_lora_weights(self, path_or_repo, adapter_name, weight, strict, weight_name)
 
     def save_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> Path:
-        return adapters.save_lora_weights(self, path, adapter_name)
+        return lora_adapters.save_lora_weights(self, path, adapter_name)
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
-        adapters.set_adapters(self, adapter_names, adapter_weights)
+        lora_adapters.set_adapters(self, adapter_names, adapter_weights)
 
     def fuse_lora(self, lora_scale: float = 1.0) -> None:
-        adapters.fuse_lora(self, lora_scale)
+        lora_adapters.fuse_lora(self, lora_scale)
 
     def unfuse_lora(self) -> None:
-        adapters.unfuse_lora(self)
+        lora_adapters.unfuse_lora(self)
 
     def enable_lora(self) -> None:
-        adapters.enable_lora(self, True)
+        lora_adapters.enable_lora(self, True)
 
     def disable_lora(self) -> None:
-        adapters.enable_lora(self, False)
+        lora_adapters.enable_lora(self, False)
 
     def unload_lora_weights(self) -> None:
-        adapters.unload_lora_weights(self)
+        lora_adapters.unload_lora_weights(self)
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); returns the
         new tokens."""
-        return adapters.load_textual_inversion(self, path, token)
+        return textual_inversion.load_textual_inversion(self, path, token)
 
 
 def _pipeline_scheduler_config(config: SchedulerConfig) -> SchedulerConfig:

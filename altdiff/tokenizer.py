@@ -98,6 +98,15 @@ class Tokenizer:
         self._update_splitter()
         return ids
 
+    def remove_tokens(self, tokens: Sequence[str]) -> None:
+        """Undo `add_tokens` (and their multi-vector expansions); the ids after the last remaining added token
+        become free again."""
+        for token in tokens:
+            token_id = self.added_tokens.pop(token, None)
+            self.expansions.pop(token_id, None)
+        self._size = max(self.added_tokens.values()) + 1
+        self._update_splitter()
+
     def _piece_to_id(self, piece: str) -> int:
         if piece in self.added_tokens:
             return self.added_tokens[piece]

@@ -6,11 +6,13 @@ Pickled formats go through `torch.load(weights_only=True)` only, which refuses a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
 import struct
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -168,3 +170,28 @@ def load_module(build: Callable[[], M], state_dict: StateDict, source: str, *,
         converted[k] = v.to(device) if device is not None else v
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(mtime in ns, size): what tells a changed file from the one read before."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def file_hash(path: str | Path, addnet: bool = False) -> str:
+    """sha256 of a file, or with `addnet` of a .safetensors file's tensor data only (everything after the
+    header: kohya's "addnet" hash, the webui's modules/hashes.py addnet_hash_safetensors). Cached by path,
+    mtime and size, as the webui caches its hashes."""
+    path = Path(path).resolve()
+    return _file_hash(path, file_stamp(path), addnet)
+
+
+@lru_cache(maxsize=256)
+def _file_hash(path: Path, stamp: tuple[int, int], addnet: bool) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if addnet:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -12,8 +12,8 @@ from conftest import max_abs
 
 import altdiff
 from altdiff import attention, fast_unet
-from altdiff.adapters import LoraState
 from altdiff.cli import build_parser
+from altdiff.lora import LoraState
 
 GEN = dict(num_inference_steps=3, output_type="np", progress=False, seed=0)
 
@@ -73,7 +73,7 @@ def test_runner_is_rebuilt_when_weights_dtype_freeu_or_slicing_change(m9_folder,
 
 def test_unfused_lora_runs_the_plain_unet(m9_folder, no_inductor):
     pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
-    pipe.lora = LoraState(weights={"style": 1.0})
+    pipe.lora = LoraState(weights={"style": {"unet": 1.0, "text_encoder": 1.0}})
     assert pipe.unet_runner() is pipe.unet
     pipe.lora.fused = {"style"}  # fused adapters live in the weights: compiling is fine
     assert isinstance(pipe.unet_runner(), fast_unet.FastUNet)
