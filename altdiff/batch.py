@@ -21,7 +21,7 @@ from typing import Any
 
 from .atomic import atomic_path
 from .checks import is_int
-from .cli import add_runtime_options, image_infotext
+from .cli import add_network_options, add_runtime_options, image_infotext
 from .generate import generate
 from .images import open_image, save_png
 from .pipeline import DEFAULT_MODEL, Pipeline, load
@@ -148,8 +148,10 @@ class Runner:
     on batches of serialized jobs; pipelines are loaded on first use and kept."""
 
     def __init__(self, out: str | Path, device: str | None = None, dtype: str | None = None,
-                 safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True):
+                 safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True,
+                 lora_dir: str | None = None, embeddings_dir: str | None = None):
         self.out = Path(out)
+        self.networks = {"lora_dir": lora_dir, "embeddings_dir": embeddings_dir}
         self.load_kwargs = {"device": device, "dtype": dtype, "safety_checker": safety_checker,
                             "compile": compile, "cuda_graphs": cuda_graphs}
         self.pipes: dict[str, Pipeline] = {}
@@ -181,7 +183,7 @@ class Runner:
         else:  # an empty negative prompt encodes exactly as none
             prompt, negative = prompts, [n or "" for n in negatives] if any(negatives) else None
         result = generate(prompt, model=pipe, negative_prompt=negative, image=image,
-                          seed=[s for r in job for s in r.seeds], progress=False, **args)
+                          seed=[s for r in job for s in r.seeds], progress=False, **self.networks, **args)
         sampler = args.get("sampler") or sampler_for_config(pipe.scheduler_config)
         images, flags = iter(result.images), iter(result.nsfw_content_detected or [])
         entries = []
@@ -196,7 +198,7 @@ class Runner:
                                       sampler=sampler, seed=seed, model=pipe.source,
                                       cfg_scale=args.get("guidance_scale", DEFAULTS["guidance_scale"]),
                                       strength=args.get("strength", DEFAULTS["strength"]) if image else None,
-                                      nsfw=bool(flag))
+                                      nsfw=bool(flag), extra=result.infotext)
                 save_png(img, self.out / name, text)
             entries.append(_entry(r, nsfw=None if result.nsfw_content_detected is None else nsfw))
         return entries
@@ -247,9 +249,10 @@ def _write_manifest(path: Path, entries: list[dict]) -> None:
 def run(requests_file: str | Path, out: str | Path, *, model: str | None = None, device: str | None = None,
         dtype: str | None = None, safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True,
         batch_size: int = 1, use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float = 1.0,
-        verbose: bool = False) -> list[dict]:
+        verbose: bool = False, lora_dir: str | None = None, embeddings_dir: str | None = None) -> list[dict]:
     """Run every unfinished request of `requests_file` into `out`; returns the manifest entries (one per
-    distinct request, in file order)."""
+    distinct request, in file order). `<lora:NAME:w>` tags of requests with a1111_prompts are found in
+    `lora_dir`; embeddings in `embeddings_dir` apply where a prompt names them."""
     for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
         if not is_int(value, 1, 2**63 - 1):
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value!r}")
@@ -264,7 +267,9 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
     old = _read_manifest(manifest)
     done, jobs = plan(requests, out, batch_size)
     runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype, "safety_checker": safety_checker,
-                     "compile": compile, "cuda_graphs": cuda_graphs}
+                     "compile": compile, "cuda_graphs": cuda_graphs,
+                     **{k: str(Path(v).resolve()) if v else None
+                        for k, v in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir))}}
     if not jobs:
         results: Iterator[dict] = iter(())
     elif use_ray:
@@ -297,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model for requests that name none "
                    f"(default {DEFAULT_MODEL})")
     add_runtime_options(p)
+    add_network_options(p)
     p.add_argument("--batch-size", type=int, default=1,
                    help="requests per UNet batch when only prompt, negative prompt and seed differ (images may "
                         "then differ from single runs by one uint8 level)")
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                       safety_checker=not args.no_safety_checker, compile=args.compile,
                       cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size, use_ray=args.ray,
                       concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
-                      verbose=not args.quiet)
+                      verbose=not args.quiet, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     except (ValueError, TypeError) as e:
         print(f"altdiff batch: error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,14 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="run the UNet eagerly on CUDA instead of replaying a recorded CUDA graph per image size")
 
 
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    """--lora-dir and --embeddings-dir, for `altdiff` and `altdiff batch`."""
+    p.add_argument("--lora-dir", default=None,
+                   help="folder where <lora:NAME:w> prompt tags find NAME (with --a1111-prompts / a1111_prompts)")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="folder of textual-inversion embeddings, each used where a prompt names its file stem")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.",
                                 epilog="Many prompts: altdiff batch requests.jsonl --out DIR (altdiff batch -h).")
@@ -49,8 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing file without %%d")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--a1111-prompts", action="store_true",
-                   help="read prompts as the AUTOMATIC1111 webui: (word:1.2) emphasis, BREAK, no 75-token limit")
+                   help="read prompts as the AUTOMATIC1111 webui: (word:1.2) emphasis, BREAK, no 75-token limit, "
+                        "<lora:NAME:w> tags")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA / LoHa / LoKr file at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="load a textual-inversion embedding; its file name without extension is its prompt word; "
+                        "repeatable")
+    add_network_options(p)
     return p
+
+
+def lora_option(spec: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` of --lora (a Windows drive colon is part of FILE)."""
+    path, sep, scale = spec.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if sep and path else (Path(spec), 1.0)
+    except ValueError:
+        return Path(spec), 1.0
 
 
 def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path]:
@@ -74,11 +98,12 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
 
 def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: int, sampler: str,
                    cfg_scale: float, seed: int, model: str, strength: float | None = None,
-                   nsfw: bool = False) -> str:
-    """The infotext of one generated image, as the CLI and `altdiff batch` write it."""
+                   nsfw: bool = False, extra: dict[str, str] | None = None) -> str:
+    """The infotext of one generated image, as the CLI and `altdiff batch` write it; `extra` adds fields such
+    as GenerationResult.infotext's "Lora hashes"."""
     params = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": cfg_scale,
               "Seed": seed, "Size": f"{image.width}x{image.height}", "Model": Path(str(model)).name,
-              "Denoising strength": strength, "NSFW": True if nsfw else None}
+              "Denoising strength": strength, "NSFW": True if nsfw else None, **(extra or {})}
     return format_infotext(prompt, negative_prompt, params)
 
 
@@ -88,6 +113,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.seed < -1:
         raise ValueError(f"--seed: must be >= 0 or -1 for random, got {args.seed}")
+    for name, files in (("--lora", [lora_option(s)[0] for s in args.lora]), ("--embedding", args.embedding)):
+        missing = [str(f) for f in files if not Path(f).is_file()]
+        if missing:
+            raise ValueError(f"{name}: file not found: {', '.join(missing)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +144,7 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
     model = args.model or DEFAULT_MODEL
     pipe = load(model, device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
                 compile=args.compile, cuda_graphs=not args.no_cuda_graphs)
+    extra = _load_networks(pipe, args)
     sampler = args.sampler or sampler_for_config(pipe.scheduler_config)
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
     written = iter(paths)
@@ -125,14 +155,39 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
                           num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
                           height=None if init else args.height, width=None if init else args.width,
                           num_images_per_prompt=args.batch_size, seed=seeds, sampler=sampler, image=init,
-                          strength=args.strength, progress=not args.quiet, a1111_prompts=args.a1111_prompts)
+                          strength=args.strength, progress=not args.quiet, a1111_prompts=args.a1111_prompts,
+                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+        fields = {k: ", ".join(v for v in (extra.get(k), result.infotext.get(k)) if v)
+                  for k in ("Lora hashes", "TI hashes")}
         for j, img in enumerate(result.images):
             nsfw = bool(result.nsfw_content_detected and result.nsfw_content_detected[j])
             text = image_infotext(img, args.prompt, args.negative_prompt, steps=args.steps, sampler=sampler,
                                   cfg_scale=args.cfg_scale, seed=seeds[j], model=model,
-                                  strength=args.strength if init is not None else None, nsfw=nsfw)
+                                  strength=args.strength if init is not None else None, nsfw=nsfw,
+                                  extra={k: v for k, v in fields.items() if v})
             print(save_png(img, next(written), text))
     return 0
+
+
+def _load_networks(pipe, args: argparse.Namespace) -> dict[str, str]:
+    """Load --lora and --embedding files; the infotext fields naming them (embeddings: where a prompt uses
+    them, as the webui records them)."""
+    from .lora import hashes_field, lora_hash
+    from .textual_inversion import embedding_hash, mentioned
+
+    loras = {}
+    for spec in args.lora:
+        path, scale = lora_option(spec)
+        pipe.load_lora_weights(path, weight=scale)
+        loras[path.stem] = path
+    embeddings = {}
+    texts = [args.prompt, args.negative_prompt or ""]
+    for file in map(Path, args.embedding):
+        pipe.load_textual_inversion(file, token=file.stem)
+        if mentioned(file.stem, texts):
+            embeddings[file.stem] = file
+    fields = {"Lora hashes": hashes_field(loras, lora_hash), "TI hashes": hashes_field(embeddings, embedding_hash)}
+    return {k: v for k, v in fields.items() if v}
 
 
 if __name__ == "__main__":

@@ -5,10 +5,15 @@ sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase with its XLM-R subclass).
 
 Each chunk is `<s>` + 75 tokens + `</s>`, padded with `<pad>` after the first `</s>` (the webui's XLM-R
 path), encoded alone; the encoder's output for each token is multiplied by the token's weight and the chunk is
-rescaled to its unweighted mean (the webui's "Original" emphasis). The webui takes that mean over the whole
-batch of prompts; here it is taken per prompt, so an image does not depend on the other prompts of its batch
-(the same thing for a batch of one prompt). Textual-inversion tokens are ordinary tokens here; a multi-vector
-one may straddle a chunk boundary, where the webui would move it whole into the next chunk.
+rescaled to its unweighted mean (the webui's "Original" emphasis, sd_emphasis.py: `z.mean()` over the chunk of
+every text the encoder was given at once). The webui gives the encoder one prompt at a time
+(prompt_parser.get_learned_conditioning loops over the prompts of a batch; only prompt editing, which altdiff
+does not have, sends several texts together), so the mean is that prompt's own: here too, per prompt and per
+chunk, and an image does not depend on the other prompts of its batch. A multi-vector textual-inversion
+embedding that would straddle a chunk boundary moves whole into the next chunk, as in the webui's
+sd_hijack_clip.tokenize_line.
+
+`<lora:NAME:w>` tags are read by altdiff.lora.prompt_networks before the prompt gets here.
 """
 
 from __future__ import annotations
@@ -97,7 +102,8 @@ class Chunk:
 def tokenize_chunks(tokenizer: Tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """Split a prompt into chunks of `model_max_length - 2` tokens (75): a chunk ends at BREAK, or when full;
     a full chunk whose last comma is at most `comma_backtrack` tokens back is cut after that comma and the
-    rest moves to the next chunk."""
+    rest moves to the next chunk; a multi-vector embedding that does not fit in the chunk starts the next
+    one."""
     size = tokenizer.model_max_length - 2
     comma = tokenizer.sp.PieceToId(",")
     comma_id = comma + tokenizer.fairseq_offset if comma else None
@@ -118,25 +124,33 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, comma_backtrack: int = COMM
             close(ids, weights)
             ids, weights = [], []
             continue
-        for token in tokenizer.encode(piece):
+        tokens, position = tokenizer.encode(piece), 0
+        while position < len(tokens):
+            token = tokens[position]
+            # A multi-vector embedding's first id stands for all its vectors (altdiff.textual_inversion).
+            length = len(tokenizer.expansions.get(token, (token,)))
+            if length > size:
+                raise ValueError(f"prompt: an embedding of {length} vectors cannot fit in a {size}-token chunk")
             if token == comma_id:
                 last_comma = len(ids)
             elif len(ids) == size and 0 <= last_comma and len(ids) - last_comma <= comma_backtrack:
                 cut = last_comma + 1
                 close(ids[:cut], weights[:cut])
                 ids, weights = ids[cut:], weights[cut:]
-            if len(ids) == size:
+            if len(ids) + length > size:
                 close(ids, weights)
                 ids, weights = [], []
-            ids.append(token)
-            weights.append(weight)
+            ids += tokens[position:position + length]
+            weights += [weight] * length
+            position += length
     if ids or not chunks:
         close(ids, weights)
     return chunks
 
 
 def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Multiply each token's state by its weight, then restore each prompt's mean (A1111 "Original")."""
+    """Multiply each token's state by its weight, then restore each prompt's mean (A1111 "Original", which
+    the webui applies to one prompt at a time)."""
     original_mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * weights[:, :, None]
     return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))

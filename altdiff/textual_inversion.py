@@ -128,6 +128,12 @@ def find_embeddings(embeddings_dir: str | Path) -> dict[str, Path]:
     return {stem: paths[0] for stem, paths in found.items()}
 
 
+def mentioned(word: str, texts: list[str]) -> bool:
+    """Whether `word` stands as a word of its own in one of `texts` (how a prompt names an embedding)."""
+    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+    return any(pattern.search(t) for t in texts)
+
+
 @contextmanager
 def prompt_embeddings(pipe: Pipeline, texts: list[str], embeddings_dir: str | Path | None
                       ) -> Iterator[dict[str, Path]]:
@@ -139,8 +145,7 @@ def prompt_embeddings(pipe: Pipeline, texts: list[str], embeddings_dir: str | Pa
         return
     tokenizer = pipe.tokenizer
     used = {stem: path for stem, path in find_embeddings(embeddings_dir).items()
-            if stem not in tokenizer.added_tokens
-            and any(re.search(rf"(?<!\w){re.escape(stem)}(?!\w)", t) for t in texts)}
+            if stem not in tokenizer.added_tokens and mentioned(stem, texts)}
     embeddings = pipe.text_encoder.roberta.embeddings.word_embeddings
     weight, vocab_size = embeddings.weight, pipe.text_encoder.config.vocab_size
     added: list[str] = []
