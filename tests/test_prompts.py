@@ -157,3 +157,50 @@ def test_a1111_errors_and_cli_flag(pipe):
     assert result.images.shape[0] == 1  # still usable after the error
     assert build_parser().parse_args(["x", "--a1111-prompts"]).a1111_prompts
     assert not build_parser().parse_args(["x"]).a1111_prompts
+
+
+def test_multi_vector_embedding_moves_whole_into_the_next_chunk(m9_folder, tmp_path, ids):
+    """sd_hijack_clip.tokenize_line: an embedding that does not fit in what is left of a chunk starts the next
+    one; one that fits stays."""
+    a, _ = ids
+    pipe = altdiff.load(m9_folder, device="cpu", dtype=torch.float32)
+    path = tmp_path / "tri.pt"
+    torch.save({"string_to_param": {"*": torch.randn(3, 32)}, "name": "tri"}, path)
+    tri = [pipe.tokenizer.added_tokens[t] for t in pipe.load_textual_inversion(path)]
+    straddling = tokenize_chunks(pipe.tokenizer, words(73) + " tri a")
+    assert [c.ids for c in straddling] == [[BOS] + [a] * 73 + [EOS, PAD, PAD],
+                                           [BOS] + tri + [a, EOS] + [PAD] * 71]
+    fitting = tokenize_chunks(pipe.tokenizer, words(72) + " (tri:1.5) a")
+    assert [c.ids for c in fitting] == [[BOS] + [a] * 72 + tri + [EOS], [BOS, a, EOS] + [PAD] * 74]
+    assert fitting[0].weights[73:76] == [1.5] * 3
+
+
+def test_original_emphasis_mean_of_each_prompt(pipe, ids):
+    """Two different prompts in one call: each chunk of each prompt is rescaled to its own mean, as the webui
+    computes it (sd_emphasis.EmphasisOriginal on the texts of one encoder call, which prompt_parser makes one
+    prompt)."""
+    a, _ = ids
+    texts = ["(a:1.5) a [a]", "a (a:0.5) " + words(80)]
+    embeds = pipe.encode_prompt(texts, "cpu", 1, False, a1111_prompts=True)[0]
+    assert embeds.shape == (2, 154, 32)
+    expected = []
+    for text in texts:
+        chunks = tokenize_chunks(pipe.tokenizer, text)
+        chunks += [tokenize_chunks(pipe.tokenizer, "")[0]] * (2 - len(chunks))
+        states = []
+        for chunk in chunks:
+            tokens = torch.tensor([chunk.ids])
+            with torch.no_grad():
+                z = pipe.text_encoder(tokens, attention_mask=tokens.ne(PAD).long())
+            weights = torch.tensor(chunk.weights)[None, :, None]
+            states.append(z * weights * (z.mean() / (z * weights).mean()))  # the webui's formula, one prompt
+        expected.append(torch.cat(states, dim=1))
+    expected = torch.cat(expected)
+    assert torch.allclose(embeds, expected, atol=1e-6, rtol=0)
+    # The mean over both prompts (one encoder call for the batch) would give other states.
+    with torch.no_grad():
+        tokens = torch.tensor([tokenize_chunks(pipe.tokenizer, t)[0].ids for t in texts])
+        z = pipe.text_encoder(tokens, attention_mask=tokens.ne(PAD).long())
+    weights = torch.tensor([tokenize_chunks(pipe.tokenizer, t)[0].weights for t in texts])[:, :, None]
+    batch_mean = z * weights * (z.mean() / (z * weights).mean())
+    assert (batch_mean - expected[:, :77]).abs().max() > 1e-3
