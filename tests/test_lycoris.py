@@ -199,3 +199,23 @@ def test_bad_lycoris_files(lyco, m9_folder, tmp_path):
     pipe.load_lora_weights(lyco["cases"]["lokr"]["path"])
     with pytest.raises(ValueError, match="holds LoKr layers, which have no diffusers file format"):
         pipe.save_lora_weights(tmp_path / "out")
+
+
+def test_runtime_scale_acts_on_loha_as_on_lora(lyco, m9_folder):
+    """cross_attention_kwargs={"scale": s} scales LoHa layers as diffusers scales LoRA: all but conv_in and the
+    time embedding, which run before the UNet reads the scale."""
+    ref, net, path = (lyco["cases"]["loha"][k] for k in ("ref", "net", "path"))
+    pipe = alt(m9_folder)
+    pipe.load_lora_weights(path)
+    for module in net.loras:
+        unscaled = module.lora_name.startswith(("lora_unet_conv_in", "lora_unet_time_embedding"))
+        module.multiplier = 1.0 if unscaled else 0.5
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    try:
+        with torch.no_grad():
+            expected = ref.unet(sample, 10, context).sample
+            ours = pipe.unet(sample, 10, context, cross_attention_kwargs={"scale": 0.5})
+            assert torch.allclose(ours, expected, atol=1e-4, rtol=0)
+            assert (pipe.unet(sample, 10, context) - expected).abs().max() > 0.01  # 100x the tolerance
+    finally:
+        set_multiplier(net, 1.0)
