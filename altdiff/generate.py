@@ -242,6 +242,129 @@ def _image_latents(pipe: Pipeline, image: torch.Tensor, total: int, generator, d
     return torch.cat([init] * (total // n)) if total > n else init
 
 
+def _check_for_model(pipe: Pipeline, image, height: int | None, width: int | None, latents, prompt_embeds,
+                     total: int) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """The checks that need the model: (the preprocessed init image, None) for img2img, else (None, the
+    latents' shape)."""
+    unet_cfg, factor = pipe.unet.config, pipe.vae_scale_factor
+    if prompt_embeds is not None and prompt_embeds.shape[-1] != unet_cfg.cross_attention_dim:
+        raise ValueError(f"prompt_embeds: width {prompt_embeds.shape[-1]} does not match the model's "
+                         f"cross_attention_dim {unet_cfg.cross_attention_dim}")
+    if image is not None:
+        return preprocess(image, factor, unet_cfg.in_channels), None
+    height = height or unet_cfg.sample_size * factor
+    width = width or unet_cfg.sample_size * factor
+    if height * width > MAX_IMAGE_PIXELS:
+        raise ValueError(f"height/width: {width}x{height} is larger than the {MAX_IMAGE_PIXELS} pixels allowed")
+    shape = (total, unet_cfg.in_channels, height // factor, width // factor)
+    if latents is not None:
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected a tensor of shape {shape}, got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
+        if not latents.is_floating_point():
+            raise ValueError(f"latents: expected a floating-point tensor, got {latents.dtype}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents: contain NaN or inf")
+    return None, shape
+
+
+def _encode(pipe: Pipeline, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            num_images_per_prompt: int, guidance_scale: float, cross_attention_kwargs: dict | None,
+            clip_skip: int | None, a1111_prompts: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """({"prompt_embeds": the UNet's text states (negative then positive under CFG), "negative_prompt_embeds"},
+    whether classifier-free guidance runs)."""
+    do_cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    lora_scale = (cross_attention_kwargs or {}).get("scale")
+    prompt_embeds, negative_prompt_embeds = encode_prompt(
+        pipe, prompt, pipe.device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
+        negative_prompt_embeds, lora_scale, clip_skip, a1111_prompts=a1111_prompts)
+    embeds = {"prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
+              "negative_prompt_embeds": negative_prompt_embeds}
+    return embeds, do_cfg
+
+
+def _guidance_embedding(pipe: Pipeline, guidance_scale: float, total: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The UNet's guidance-scale embedding (LCM-style distilled UNets with time_cond_proj_dim), else None."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = torch.tensor(guidance_scale - 1).repeat(total)
+    return pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=pipe.device, dtype=dtype)
+
+
+def _prepare_latents(pipe: Pipeline, schedule, shape, latents, init_image, total: int, generator,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The latents the sampler starts from: noise (or the given latents) times the schedule's initial
+    sigma; for img2img the init image's latents noised to the schedule's first timestep."""
+    device = pipe.device
+    if init_image is None:
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype) * schedule.init_noise_sigma
+    init = _image_latents(pipe, init_image, total, generator, device, dtype)
+    noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)
+    return add_noise(schedule, init, noise)
+
+
+def denoise(unet, latents: torch.Tensor, schedule, sample_fn, embeds: dict[str, torch.Tensor], *,
+            guidance_scale: float, guidance_rescale: float = 0.0, do_cfg: bool = True,
+            timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+            generator=None, eta: float = 0.0, callback=None) -> torch.Tensor:
+    """The sampling loop: `sample_fn` (altdiff.samplers) steps `latents` over `schedule`, asking the UNet for
+    a classifier-free-guided prediction at each timestep. `embeds["prompt_embeds"]` (negative and positive
+    concatenated under CFG) is read at every step, so a step callback may replace it."""
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x] * 2) if do_cfg else x
+        pred = unet(x, t, embeds["prompt_embeds"], timestep_cond=timestep_cond,
+                    cross_attention_kwargs=cross_attention_kwargs)
+        if do_cfg:
+            pred_uncond, pred_text = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+            if guidance_rescale > 0.0:
+                pred = rescale_noise_cfg(pred, pred_text, guidance_rescale)
+        return pred
+
+    return sample_fn(model_fn, latents, schedule, generator=generator, eta=eta, callback=callback)
+
+
+def _step_callback(pipe: Pipeline, embeds: dict, bar, n_calls: int, steps: int, callback_on_step_end,
+                   tensor_inputs: Sequence[str], callback, callback_steps: int | None):
+    """The sampler's per-step callback: progress, then diffusers' callback_on_step_end (which may replace
+    latents and embeddings) and the legacy callback/callback_steps pair."""
+    warmup = n_calls - steps  # PNDM's repeated first timestep does not advance the progress count
+
+    def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        bar.update()
+        new = None
+        if callback_on_step_end is not None:
+            local = {"latents": x, **embeds}
+            out = callback_on_step_end(pipe, i, t, {k: local[k] for k in tensor_inputs})
+            out = dict(out or {})
+            embeds["prompt_embeds"] = out.pop("prompt_embeds", embeds["prompt_embeds"])
+            embeds["negative_prompt_embeds"] = out.pop("negative_prompt_embeds", embeds["negative_prompt_embeds"])
+            new = out.pop("latents", None)
+            if new is not None and not torch.isfinite(new).all():
+                raise ValueError(f"callback_on_step_end: returned latents with NaN or inf at step {i}")
+        if callback is not None and (i == n_calls - 1 or i + 1 > warmup) and i % (callback_steps or 1) == 0:
+            callback(i, t, x if new is None else new)
+        return new
+
+    return on_step
+
+
+def _decode(pipe: Pipeline, latents: torch.Tensor, output_type: str):
+    """(images, nsfw_content_detected): VAE decode, safety check (flagged images black), conversion."""
+    if output_type == "latent":
+        return latents, None
+    nsfw = None
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+    if pipe.safety_checker is not None:
+        nsfw = pipe.safety_checker.check((decoded / 2 + 0.5).clamp(0, 1))
+        # Flagged images are zeroed and skip denormalisation: they come out black, as in diffusers.
+        decoded = torch.stack([torch.zeros_like(img) if flag else img for img, flag in zip(decoded, nsfw)])
+    return postprocess(decoded, output_type, [not f for f in nsfw] if nsfw else [True] * len(decoded)), nsfw
+
+
 def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | None = None,
              image: ImageInput | None = None, strength: float = 0.8, height: int | None = None,
              width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
@@ -262,38 +385,20 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
     AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
-    prompt names their file (altdiff.lora.prompt_networks)."""
+    prompt names their file (altdiff.lora.prompt_networks).
+
+    Stages: check → encode → prepare latents → denoise → decode and safety check."""
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
                                cross_attention_kwargs, callback_steps)
+    total = batch_size * num_images_per_prompt
     pipe = get_model(model)
+    init_image, shape = _check_for_model(pipe, image, height, width, latents, prompt_embeds, total)
     if seed is not None:
         generator = _generators_from_seed(seed)
     sampler = sampler or sampler_for_config(pipe.scheduler_config)
     sample_fn = get_sampler(sampler)
-    unet_cfg = pipe.unet.config
-    factor = pipe.vae_scale_factor
-    total = batch_size * num_images_per_prompt
-    if image is not None:
-        init_image = preprocess(image, factor, unet_cfg.in_channels)
-    else:
-        height = height or unet_cfg.sample_size * factor
-        width = width or unet_cfg.sample_size * factor
-        if height * width > MAX_IMAGE_PIXELS:
-            raise ValueError(f"height/width: {width}x{height} is larger than the {MAX_IMAGE_PIXELS} pixels allowed")
-        shape = (total, unet_cfg.in_channels, height // factor, width // factor)
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-                raise ValueError(f"latents: expected a tensor of shape {shape}, got "
-                                 f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
-            if not latents.is_floating_point():
-                raise ValueError(f"latents: expected a floating-point tensor, got {latents.dtype}")
-            if not torch.isfinite(latents).all():
-                raise ValueError("latents: contain NaN or inf")
-    if prompt_embeds is not None and prompt_embeds.shape[-1] != unet_cfg.cross_attention_dim:
-        raise ValueError(f"prompt_embeds: width {prompt_embeds.shape[-1]} does not match the model's "
-                         f"cross_attention_dim {unet_cfg.cross_attention_dim}")
     schedule = make_schedule(sampler, pipe.scheduler_config, num_inference_steps, device=pipe.device)
     steps = num_inference_steps
     if image is not None:
@@ -302,79 +407,21 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
 
     with pipe.lock, prompt_networks(pipe, prompt, negative_prompt, a1111_prompts=a1111_prompts, lora_dir=lora_dir,
                                     embeddings_dir=embeddings_dir) as networks, torch.inference_mode():
-        device = pipe.device
-        do_cfg = guidance_scale > 1 and unet_cfg.time_cond_proj_dim is None
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds = encode_prompt(
-            pipe, networks.prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, lora_scale, clip_skip, a1111_prompts=a1111_prompts)
-        dtype = prompt_embeds.dtype
-        state = {"prompt_embeds": torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds,
-                 "negative_prompt_embeds": negative_prompt_embeds}
-
-        if image is None:
-            if latents is None:
-                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            latents = latents.to(device=device, dtype=dtype) * schedule.init_noise_sigma
-        else:
-            init = _image_latents(pipe, init_image, total, generator, device, dtype)
-            noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)
-            latents = add_noise(schedule, init, noise)
-
-        timestep_cond = None
-        if unet_cfg.time_cond_proj_dim is not None:
-            w = torch.tensor(guidance_scale - 1).repeat(total)
-            timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet_cfg.time_cond_proj_dim).to(
-                device=device, dtype=latents.dtype)
-
-        unet = pipe.unet_runner()
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = torch.cat([x] * 2) if do_cfg else x
-            pred = unet(x, t, state["prompt_embeds"], timestep_cond=timestep_cond,
-                        cross_attention_kwargs=cross_attention_kwargs)
-            if do_cfg:
-                pred_uncond, pred_text = pred.chunk(2)
-                pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
-                if guidance_rescale > 0.0:
-                    pred = rescale_noise_cfg(pred, pred_text, guidance_rescale)
-            return pred
-
+        embeds, do_cfg = _encode(pipe, networks.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 num_images_per_prompt, guidance_scale, cross_attention_kwargs, clip_skip,
+                                 a1111_prompts)
+        latents = _prepare_latents(pipe, schedule, shape, latents, init_image, total, generator,
+                                   embeds["prompt_embeds"].dtype)
         n_calls = len(schedule.timesteps)
-        warmup = n_calls - steps  # PNDM's repeated first timestep does not advance the progress count
-        bar = tqdm(total=n_calls, disable=not progress, desc="altdiff")
-
-        def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-            bar.update()
-            new = None
-            if callback_on_step_end is not None:
-                local = {"latents": x, **state}
-                out = callback_on_step_end(pipe, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                out = dict(out or {})
-                state["prompt_embeds"] = out.pop("prompt_embeds", state["prompt_embeds"])
-                state["negative_prompt_embeds"] = out.pop("negative_prompt_embeds", state["negative_prompt_embeds"])
-                new = out.pop("latents", None)
-                if new is not None and not torch.isfinite(new).all():
-                    raise ValueError(f"callback_on_step_end: returned latents with NaN or inf at step {i}")
-            if callback is not None and (i == n_calls - 1 or i + 1 > warmup) and i % (callback_steps or 1) == 0:
-                callback(i, t, x if new is None else new)
-            return new
-
-        try:
-            latents = sample_fn(model_fn, latents, schedule, generator=generator, eta=eta, callback=on_step)
-        finally:
-            bar.close()
-
-        nsfw = None
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-            if pipe.safety_checker is not None:
-                nsfw = pipe.safety_checker.check((decoded / 2 + 0.5).clamp(0, 1))
-                # Flagged images are zeroed and skip denormalisation: they come out black, as in diffusers.
-                decoded = torch.stack([torch.zeros_like(img) if flag else img for img, flag in zip(decoded, nsfw)])
-            images = postprocess(decoded, output_type, [not f for f in nsfw] if nsfw else [True] * len(decoded))
+        with tqdm(total=n_calls, disable=not progress, desc="altdiff") as bar:
+            on_step = _step_callback(pipe, embeds, bar, n_calls, steps, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs, callback, callback_steps)
+            latents = denoise(pipe.unet_runner(), latents, schedule, sample_fn, embeds,
+                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, do_cfg=do_cfg,
+                              timestep_cond=_guidance_embedding(pipe, guidance_scale, total, latents.dtype),
+                              cross_attention_kwargs=cross_attention_kwargs, generator=generator, eta=eta,
+                              callback=on_step)
+        images, nsfw = _decode(pipe, latents, output_type)
     if not return_dict:
         return images, nsfw
     return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext)
