@@ -10,8 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the benchmarks package
 
-pytest.importorskip("psutil")
-from benchmarks.__main__ import ALL_BLOCKS, main  # noqa: E402
+from benchmarks.__main__ import ALL_BLOCKS, main  # noqa: E402  (psutil comes with the test extra)
 
 TINY = ["--device", "cpu", "--size", "32", "--steps", "2", "--tiled-size", "64", "--tile", "32", "--repeats", "1"]
 

@@ -78,10 +78,22 @@ def test_image_embeds_match_diffusers(checkers):
     assert err <= 1e-5
 
 
-def test_flags_match_diffusers_on_saved_weights(checkers):
-    ref, ours = checkers
+def test_flags_match_diffusers_on_saved_weights(m9_folder, tmp_path, checkers):
+    from safetensors.torch import load_file, save_file
+
     clip_input = torch.randn(6, 3, 32, 32)
-    assert ours(clip_input) == ref_flags(ref, clip_input)
+    concept_cos, _ = ref_cosines(checkers[0], clip_input)
+    # The tiny checker's own thresholds flag nothing, so an all-False comparison could not fail: save
+    # thresholds that about half of the images pass, then load both checkers from the files.
+    checker, features = copy_checker(m9_folder, tmp_path)
+    state = load_file(checker / "model.safetensors")
+    state["concept_embeds_weights"] = unreachable(concept_cos)
+    state["concept_embeds_weights"][3] = concept_cos[:, 3].median()
+    save_file(state, checker / "model.safetensors")
+    ref = StableDiffusionSafetyChecker.from_pretrained(checker).eval()
+    expected = ref_flags(ref, clip_input)
+    assert any(expected) and not all(expected)
+    assert load_safety_checker(checker, features)(clip_input) == expected
 
 
 def unreachable(cos):
@@ -219,12 +231,32 @@ def test_load_bin_with_legacy_position_ids_and_variants(m9_folder, tmp_path, che
     assert torch.equal(load_safety_checker(checker, features, variant="ema").image_embeds(clip_input), expected)
 
 
-def test_load_dtype(m9_folder):
+def test_load_dtype(m9_folder, fresh_checkers):
+    ref, _ = fresh_checkers
     checker = load_safety_checker(m9_folder / "safety_checker", m9_folder / "feature_extractor",
                                   dtype=torch.bfloat16)
     assert checker.visual_projection.weight.dtype == torch.bfloat16
     assert checker.vision_model.vision_model.embeddings.position_embedding.weight.dtype == torch.bfloat16
     assert len(checker.check(torch.rand(2, 3, 40, 48))) == 2
+    clip_input = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.visual_projection(ref.vision_model(clip_input)[1])
+    got = checker.image_embeds(clip_input.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and max_abs(got, want) <= 0.05 * want.abs().max().item()
+    # Flags as diffusers' fp32 checker gives them, with a threshold no score is within bf16 rounding of: the
+    # midpoint of the widest gap between two images' scores on one concept.
+    concept_cos, special_cos = ref_cosines(ref, clip_input)
+    bf16_error = (cosine_distance(got.float(), checker.concept_embeds.float()) - concept_cos).abs().max()
+    ordered = concept_cos.sort(dim=0).values
+    gaps = ordered[1:] - ordered[:-1]
+    row, concept = divmod(int(gaps.argmax()), gaps.shape[1])
+    assert gaps[row, concept] / 2 > 3 * bf16_error
+    thresholds = unreachable(concept_cos)
+    thresholds[concept] = (ordered[row, concept] + ordered[row + 1, concept]) / 2
+    set_thresholds((ref, checker), concept=thresholds, special=unreachable(special_cos))
+    expected = ref_flags(ref, clip_input)
+    assert any(expected) and not all(expected)
+    assert checker(clip_input.to(torch.bfloat16)) == expected
 
 
 def test_load_errors(m9_folder, tmp_path):

@@ -165,6 +165,8 @@ def test_timesteps_and_sigmas_match_diffusers(sampler, config_name):
         got = ours(sampler, config, n)
         assert got.timesteps.dtype == want.timesteps.dtype
         assert torch.equal(got.timesteps, want.timesteps), (n, got.timesteps, want.timesteps)
+        # DDIM and PNDM have no sigmas; every sigma sampler must have them, equal to diffusers'.
+        assert (got.sigmas is None) == (getattr(want, "sigmas", None) is None), n
         if got.sigmas is not None:
             assert torch.equal(got.sigmas, want.sigmas), n
         assert got.init_noise_sigma == float(want.init_noise_sigma)
