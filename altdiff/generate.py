@@ -17,8 +17,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from . import prompts
-from .checks import is_number
+from . import checks, prompts
+from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .lora import prompt_networks, text_encoder_scale
 from .noise import randn_tensor
@@ -133,7 +133,7 @@ def _check_unicode(name: str, texts: list[str]) -> None:
 def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                   num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                   output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
-                  cross_attention_kwargs, callback_steps) -> int:
+                  callback_steps) -> int:
     """Everything checkable before a model runs; returns the prompt batch size."""
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("prompt and prompt_embeds: pass one of them, not both")
@@ -146,8 +146,7 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         _check_unicode("prompt", texts)
         batch_size = len(texts)
     else:
-        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
-            raise ValueError("prompt_embeds: expected a 3-D tensor (batch, tokens, width)")
+        checks.tensor("prompt_embeds", prompt_embeds, ndim=3)
         batch_size = prompt_embeds.shape[0]
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("negative_prompt and negative_prompt_embeds: pass one of them, not both")
@@ -166,17 +165,20 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
                             f"{type(negative_prompt).__name__}")
         _check_unicode("negative_prompt", [negative_prompt] if isinstance(negative_prompt, str)
                        else negative_prompt)
-    if prompt_embeds is not None and negative_prompt_embeds is not None and (
-            prompt_embeds.shape != negative_prompt_embeds.shape):
-        raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} must equal "
-                         f"prompt_embeds' {tuple(prompt_embeds.shape)}")
+    if negative_prompt_embeds is not None:
+        checks.tensor("negative_prompt_embeds", negative_prompt_embeds, ndim=3)
+        if prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds: shape {tuple(negative_prompt_embeds.shape)} must equal "
+                             f"prompt_embeds' {tuple(prompt_embeds.shape)}")
+        if negative_prompt_embeds.shape[0] != batch_size:
+            raise ValueError(f"negative_prompt_embeds: has {negative_prompt_embeds.shape[0]} entries but prompt "
+                             f"has {batch_size}")
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0
-                                  or value % 8):
+        if value is not None and (not is_int(value, 1) or value % 8):
             raise ValueError(f"{name}: must be a positive multiple of 8, got {value!r}")
     if image is not None and (height is not None or width is not None):
         raise ValueError("height/width: img2img takes its size from image; resize the image instead")
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+    if not is_int(num_inference_steps, 1):
         raise ValueError(f"num_inference_steps: must be a positive int, got {num_inference_steps!r}")
     if not is_number(guidance_scale):
         raise ValueError(f"guidance_scale: must be a finite number, got {guidance_scale!r}")
@@ -184,8 +186,7 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         raise ValueError(f"guidance_rescale: must be in [0, 1], got {guidance_rescale!r}")
     if not is_number(eta) or eta < 0:
         raise ValueError(f"eta: must be a number >= 0, got {eta!r}")
-    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or (
-            num_images_per_prompt < 1):
+    if not is_int(num_images_per_prompt, 1):
         raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images_per_prompt!r}")
     if image is not None and (not is_number(strength) or not 0 <= strength <= 1):
         raise ValueError(f"strength: must be in [0.0, 1.0], got {strength!r}")
@@ -194,10 +195,8 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
     bad = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {CALLBACK_TENSOR_INPUTS}")
-    if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+    if callback_steps is not None and not is_int(callback_steps, 1):
         raise ValueError(f"callback_steps: must be a positive int, got {callback_steps!r}")
-    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
-        raise TypeError("cross_attention_kwargs: expected a dict such as {'scale': 0.5}")
     if seed is not None and generator is not None:
         raise ValueError("seed and generator: pass one of them, not both")
     total = batch_size * num_images_per_prompt
@@ -209,17 +208,16 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
             raise TypeError("generator: list entries must be torch.Generator")
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}")
-    if isinstance(seed, list) and len(seed) != total:
+    if isinstance(seed, (list, tuple)) and len(seed) != total:
         raise ValueError(f"seed: a list of {len(seed)} seeds was passed but the batch has {total} images")
     return batch_size
 
 
 def _generators_from_seed(seed: int | Sequence[int]):
+    """CPU generators from `seed`: one, or one per image for a list (each seed in 0..2**64-1)."""
     if isinstance(seed, (list, tuple)):
-        return [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed: expected an int or a list of ints, got {type(seed).__name__}")
-    return torch.Generator("cpu").manual_seed(seed)
+        return [torch.Generator("cpu").manual_seed(checks.seed(f"seed[{i}]", s)) for i, s in enumerate(seed)]
+    return torch.Generator("cpu").manual_seed(checks.seed("seed", seed))
 
 
 def _image_latents(pipe: Pipeline, image: torch.Tensor, total: int, generator, device, dtype) -> torch.Tensor:
@@ -243,13 +241,20 @@ def _image_latents(pipe: Pipeline, image: torch.Tensor, total: int, generator, d
 
 
 def _check_for_model(pipe: Pipeline, image, height: int | None, width: int | None, latents, prompt_embeds,
-                     total: int) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+                     negative_prompt_embeds, total: int, a1111_prompts: bool
+                     ) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
     """The checks that need the model: (the preprocessed init image, None) for img2img, else (None, the
     latents' shape)."""
     unet_cfg, factor = pipe.unet.config, pipe.vae_scale_factor
-    if prompt_embeds is not None and prompt_embeds.shape[-1] != unet_cfg.cross_attention_dim:
-        raise ValueError(f"prompt_embeds: width {prompt_embeds.shape[-1]} does not match the model's "
-                         f"cross_attention_dim {unet_cfg.cross_attention_dim}")
+    for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if embeds is not None and embeds.shape[-1] != unet_cfg.cross_attention_dim:
+            raise ValueError(f"{name}: width {embeds.shape[-1]} does not match the model's "
+                             f"cross_attention_dim {unet_cfg.cross_attention_dim}")
+    max_length = pipe.tokenizer.model_max_length
+    if negative_prompt_embeds is not None and prompt_embeds is None and not a1111_prompts and (
+            negative_prompt_embeds.shape[1] != max_length):
+        raise ValueError(f"negative_prompt_embeds: has {negative_prompt_embeds.shape[1]} tokens but the prompt "
+                         f"is encoded to {max_length}")
     if image is not None:
         return preprocess(image, factor, unet_cfg.in_channels), None
     height = height or unet_cfg.sample_size * factor
@@ -261,10 +266,7 @@ def _check_for_model(pipe: Pipeline, image, height: int | None, width: int | Non
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected a tensor of shape {shape}, got "
                              f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)}")
-        if not latents.is_floating_point():
-            raise ValueError(f"latents: expected a floating-point tensor, got {latents.dtype}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents: contain NaN or inf")
+        checks.tensor("latents", latents)
     return None, shape
 
 
@@ -388,15 +390,22 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     prompt names their file (altdiff.lora.prompt_networks).
 
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
+    # numpy scalars and 0-d tensors as Python numbers, so the checks and stages see plain ints and floats.
+    (strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale,
+     clip_skip, callback_steps) = map(plain, (strength, height, width, num_inference_steps, guidance_scale,
+                                              num_images_per_prompt, eta, guidance_rescale, clip_skip,
+                                              callback_steps))
+    cross_attention_kwargs = checks.cross_attention_kwargs(cross_attention_kwargs)
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
-                               cross_attention_kwargs, callback_steps)
-    total = batch_size * num_images_per_prompt
-    pipe = get_model(model)
-    init_image, shape = _check_for_model(pipe, image, height, width, latents, prompt_embeds, total)
+                               callback_steps)
     if seed is not None:
         generator = _generators_from_seed(seed)
+    total = batch_size * num_images_per_prompt
+    pipe = get_model(model)
+    init_image, shape = _check_for_model(pipe, image, height, width, latents, prompt_embeds,
+                                         negative_prompt_embeds, total, a1111_prompts)
     sampler = sampler or sampler_for_config(pipe.scheduler_config)
     sample_fn = get_sampler(sampler)
     schedule = make_schedule(sampler, pipe.scheduler_config, num_inference_steps, device=pipe.device)

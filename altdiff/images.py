@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from . import checks
 from .atomic import atomic_path
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence
@@ -59,10 +60,22 @@ def _check_same_shape(images: list) -> None:
         raise ValueError(f"image: a list must hold images of one size, got shapes {sorted(shapes)}")
 
 
+def _as_float(values: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255, the same picture as PIL gives) as float32 in [0, 1]; floating-point pixels as
+    they are. Other integer or bool types have no agreed range and are refused."""
+    if values.dtype == torch.uint8:
+        return values.float() / 255.0
+    if not values.is_floating_point():
+        raise TypeError(f"image: expected uint8 (0..255) or floating-point pixels, got {values.dtype}")
+    return values
+
+
 def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> torch.Tensor:
     """Like diffusers' VaeImageProcessor.preprocess: PIL (resized down to a multiple of `scale_factor`,
-    Lanczos), numpy HWC/BHWC in [0, 1] and torch BCHW in [0, 1] (or [-1, 1]) become a float32 BCHW tensor in
-    [-1, 1]; a tensor with `latent_channels` channels is taken as latents and returned unchanged."""
+    Lanczos), numpy HWC/BHWC and torch CHW/BCHW become a float32 BCHW tensor in [-1, 1]; a tensor with
+    `latent_channels` channels is taken as latents and returned unchanged. Arrays and tensors are uint8
+    0..255, or floats in [0, 1] (or [-1, 1] when any value is negative, as diffusers reads them); floats
+    outside [-1, 1] are refused rather than clipped."""
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise ValueError("image: empty list")
@@ -86,18 +99,24 @@ def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> to
         arr = np.concatenate(images) if first.ndim == 4 else np.stack(images)
         if arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"image: numpy images must be HxWx3 or BxHxWx3, got shape {tuple(first.shape)}")
-        tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(0, 3, 1, 2)
+        if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+            raise TypeError(f"image: expected uint8 (0..255) or floating-point pixels, got numpy {arr.dtype}")
+        tensor = _as_float(torch.from_numpy(np.ascontiguousarray(arr))).float().permute(0, 3, 1, 2)
     elif isinstance(first, torch.Tensor):
         if not all(isinstance(i, torch.Tensor) for i in images):
             raise TypeError("image: a list must hold one kind of image")
+        if any(i.is_meta for i in images):
+            raise ValueError("image: the tensor is on the meta device and has no data; pass a CPU or CUDA tensor")
         _check_same_shape(images)
+        devices = {i.device for i in images}
+        if len(devices) > 1:
+            raise ValueError(f"image: a list must hold tensors on one device, got {sorted(map(str, devices))}")
         tensor = torch.cat(images) if first.ndim == 4 else torch.stack(images)
         if tensor.ndim != 4:
             raise ValueError(f"image: tensors must be CxHxW or BxCxHxW, got shape {tuple(first.shape)}")
         if tensor.shape[1] == latent_channels:
-            if not torch.isfinite(tensor).all():
-                raise ValueError("image: latents contain NaN or inf")
-            return tensor
+            return checks.tensor("image", tensor)  # latents: taken as they are
+        tensor = _as_float(tensor)
     else:
         raise TypeError(f"image: expected a PIL image, numpy array, torch tensor or a list of them, got "
                         f"{type(first).__name__}")
@@ -107,12 +126,16 @@ def preprocess(image: ImageInput, scale_factor: int, latent_channels: int) -> to
     h, w = tensor.shape[-2:]
     if h < scale_factor or w < scale_factor:
         raise ValueError(f"image: {w}x{h} is smaller than {scale_factor} pixels")
+    checks.tensor("image", tensor)
+    low, high = tensor.min().item(), tensor.max().item()
+    if low < -1 or high > 1:
+        raise ValueError(f"image: float pixels must be in [0, 1] or [-1, 1] (uint8: 0..255), got values in "
+                         f"[{low:g}, {high:g}]")
     if h % scale_factor or w % scale_factor:
         # diffusers resizes tensors and arrays with nearest interpolation down to the multiple.
         tensor = torch.nn.functional.interpolate(tensor, size=(h - h % scale_factor, w - w % scale_factor))
-    if not torch.isfinite(tensor).all():
-        raise ValueError("image: contains NaN or inf")
-    # diffusers takes tensors already in [-1, 1] as they are (a deprecated form it still accepts).
+    # diffusers takes tensors already in [-1, 1] as they are (a deprecated form it still accepts), judged
+    # after the resize.
     return tensor if tensor.min() < 0 else tensor * 2.0 - 1.0
 
 

@@ -53,7 +53,7 @@ from torch import nn
 
 from . import textual_inversion
 from .atomic import atomic_path
-from .checks import as_number, is_number
+from .checks import all_finite, as_number, is_number, plain
 from .text_encoder import IGNORED_KEYS
 from .weights import WeightsError, file_hash, file_stamp, read_state_dict
 
@@ -301,7 +301,7 @@ class LoraState:
         # UNet validates the value itself.
         cross_attention_kwargs = kwargs.get("cross_attention_kwargs", args[4] if len(args) > 4 else None)
         if isinstance(cross_attention_kwargs, dict):
-            self.scale["unet"] = cross_attention_kwargs.get("scale", 1.0)
+            self.scale["unet"] = plain(cross_attention_kwargs.get("scale", 1.0))
         else:
             self.scale["unet"] = 1.0
 
@@ -415,6 +415,10 @@ def read_lora(pipe: Pipeline, path: Path, strict: bool = True) -> dict[tuple[str
             raise WeightsError(message + " (strict=False skips them)")
         logger.warning("%s; skipped", message)
 
+    # One NaN in an adapter would turn every later image of the pipeline into NaN.
+    broken = [f"{m}.{p}" for (m, p), tensors in parts.items() if not all(all_finite(t) for t in tensors.values())]
+    if broken:
+        raise WeightsError(f"{path}: NaN or inf in the LoRA weights of {_listing(broken)}")
     configs = {m: {k[len(m) + 1:]: v for k, v in metadata.items() if k.startswith(m + ".")} for m in MODELS}
     if any(c.get("use_dora") for c in configs.values()):
         raise WeightsError(f"{path}: DoRA adapters (use_dora) are not supported")
@@ -561,6 +565,7 @@ def fuse_lora(pipe: Pipeline, lora_scale: float = 1.0) -> None:
     them bit for bit. Fusing again first unfuses."""
     if not is_number(lora_scale):
         raise ValueError(f"lora_scale: must be a finite number, got {lora_scale!r}")
+    lora_scale = float(lora_scale)
     unfuse_lora(pipe)
     with pipe.lock, torch.no_grad():
         state = pipe.lora
@@ -610,9 +615,9 @@ def text_encoder_scale(pipe: Pipeline, scale: float | None) -> Iterator[None]:
     if state is None or scale is None:
         yield
         return
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"lora_scale (cross_attention_kwargs['scale']): must be a number, got {scale!r}")
-    previous, state.scale["text_encoder"] = state.scale["text_encoder"], scale
+    if not is_number(scale):
+        raise TypeError(f"lora_scale: must be a finite number, got {scale!r}")
+    previous, state.scale["text_encoder"] = state.scale["text_encoder"], float(scale)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ import torch
 
 from . import lora as lora_adapters
 from . import textual_inversion
+from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (DTYPES: weights_convert imports it here)
 from .config import ModelIndex, SchedulerConfig
 from .fast_unet import FastUNet, state_key
 from .hub import resolve
@@ -21,34 +22,6 @@ from .unet import UNet, load_unet
 from .vae import AutoencoderKL, load_vae
 
 DEFAULT_MODEL = "BAAI/AltDiffusion-m9"
-DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "float32": torch.float32}
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: {device!r} is not a torch device (expected 'cpu', 'cuda' or 'cuda:N')") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: CUDA was requested but no CUDA device is available (use device='cpu')")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device: {device.type!r} is not supported (expected 'cpu' or 'cuda')")
-    return device
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype: {dtype} is not supported (expected float16, bfloat16 or float32)")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not supported (expected one of {sorted(set(DTYPES))})")
-    return DTYPES[dtype]
 
 
 @dataclass(eq=False)

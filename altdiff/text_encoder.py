@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .checks import is_int
 from .config import TextEncoderConfig
 from .weights import find_weights, load_module, read_state_dict
 
@@ -107,9 +108,10 @@ class TextEncoder(nn.Module):
         n_states = cfg.num_hidden_layers + 1
         if clip_skip is None:
             clip_skip = 1 if cfg.has_pre_transformation else 0
-        elif isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < n_states:
+        elif not is_int(clip_skip, 0, n_states - 1):
             raise ValueError(f"clip_skip must be None or an int in [0, {n_states - 1}] (this encoder has "
                              f"{n_states} hidden states), got {clip_skip!r}")
+        clip_skip = int(clip_skip)
         x = self.roberta.embeddings(input_ids)
         mask = None
         if attention_mask is not None:

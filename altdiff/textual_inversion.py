@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .checks import all_finite
 from .weights import WeightsError, file_hash, read_state_dict
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, tor
     if not vectors.is_floating_point() or vectors.ndim not in (1, 2) or not vectors.numel():
         raise WeightsError(f"{path}: embedding must be a float tensor [width] or [vectors, width], "
                            f"got {vectors.dtype} {tuple(vectors.shape)}")
+    if not all_finite(vectors):
+        raise WeightsError(f"{path}: the embedding contains NaN or inf")
     return token, vectors.reshape(-1, vectors.shape[-1])
 
 

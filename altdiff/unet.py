@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
 from .attention import attention
 from .config import UNetConfig
 from .resnet import Downsample, ResnetBlock, Upsample
@@ -271,8 +272,8 @@ class UNet(nn.Module):
         """FreeU (arXiv 2309.11497) on the first two up blocks: s* damp skip low frequencies, b* amplify the
         backbone. SD1.x values: s1=0.9, s2=0.2, b1=1.2, b2=1.4; SD2.x: s1=0.9, s2=0.2, b1=1.1, b2=1.2."""
         for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise TypeError(f"enable_freeu: {name} must be a real number, got {value!r}")
+            if not checks.is_number(value):
+                raise TypeError(f"enable_freeu: {name} must be a finite number, got {value!r}")
         self.freeu = {"s1": float(s1), "s2": float(s2), "b1": float(b1), "b2": float(b2)}
 
     def disable_freeu(self) -> None:
@@ -317,16 +318,7 @@ class UNet(nn.Module):
                        else type(timestep_cond).__name__)
                 raise ValueError(f"timestep_cond must be a (1 or {batch}, {cfg.time_cond_proj_dim}) tensor, "
                                  f"got {got}")
-        if cross_attention_kwargs is not None:
-            if not isinstance(cross_attention_kwargs, dict):
-                raise TypeError(f"cross_attention_kwargs must be a dict or None, "
-                                f"got {type(cross_attention_kwargs).__name__}")
-            unknown = sorted(set(cross_attention_kwargs) - {"scale"})
-            if unknown:
-                raise ValueError(f"cross_attention_kwargs: unsupported keys {unknown} (only 'scale' is accepted)")
-            scale = cross_attention_kwargs.get("scale", 1.0)
-            if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-                raise TypeError(f"cross_attention_kwargs['scale'] must be a number, got {scale!r}")
+        checks.cross_attention_kwargs(cross_attention_kwargs)
 
     def _check_spatial_size(self, size: torch.Size) -> None:
         """Refuse only the latent sizes diffusers would crash on. Any other size runs, as in diffusers: odd

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .checks import is_int, is_number, plain
 from .config import VAEConfig
 from .noise import Generator, randn_tensor
 from .resnet import Downsample, ResnetBlock, Upsample
@@ -226,18 +227,19 @@ class AutoencoderKL(nn.Module):
         self.use_tiling = False
 
     def _set_tile_sizes(self, sample: int | None, latent: int | None, overlap: float | None) -> None:
+        sample, latent, overlap = plain(sample), plain(latent), plain(overlap)
         if sample is None:
             size = self.config.sample_size
             sample = size[0] if isinstance(size, (list, tuple)) else size
             default_latent = int(sample / self.config.scale_factor)
         else:
-            default_latent = sample // self.config.scale_factor
+            default_latent = sample // self.config.scale_factor if is_int(sample) else None
         latent = default_latent if latent is None else latent
         overlap = 0.25 if overlap is None else overlap
         for name, value in (("tile_sample_min_size", sample), ("tile_latent_min_size", latent)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        if not is_number(overlap) or not 0 <= overlap < 1:
             raise ValueError(f"tile_overlap_factor must be a number in [0, 1), got {overlap!r}")
         if int(sample * (1 - overlap)) < 1 or int(latent * (1 - overlap)) < 1:
             raise ValueError(f"tile_overlap_factor={overlap} leaves no step between tiles of "

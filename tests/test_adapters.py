@@ -369,9 +369,9 @@ def test_lora_argument_errors(lora_m9, m9_folder, tmp_path):
     with pytest.raises(ValueError, match="unfuse_lora"):
         pipe.set_adapters("a")
     pipe.unfuse_lora()
-    with pytest.raises(TypeError, match=r"cross_attention_kwargs\['scale'\]\): must be a number, got 'x'"):
+    with pytest.raises(TypeError, match=r"cross_attention_kwargs\['scale'\]: must be a finite number, got 'x'"):
         run_alt(pipe, cross_attention_kwargs={"scale": "x"})
-    with pytest.raises(TypeError, match="cross_attention_kwargs must be a dict"):  # the UNet's own check
+    with pytest.raises(TypeError, match="cross_attention_kwargs: must be a dict"):  # the UNet's own check
         pipe.unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, 32), cross_attention_kwargs=[0.5])
     pipe.load_lora_weights(lora_m9["kohya"], adapter_name="b")
     with pytest.raises(ValueError, match="name the adapter to save"):

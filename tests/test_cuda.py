@@ -107,3 +107,15 @@ def test_compiled_unet_and_generate_on_cuda(m9_folder):
               width=side)
     assert rel_err(fast.generate(PROMPT, **kw).images, plain.generate(PROMPT, **kw).images) < 1e-2
     assert not fast._fast_unet.failed
+
+
+def test_tensors_on_another_device_are_moved(m9_folder):
+    pipe = altdiff.load(m9_folder, device="cpu", safety_checker=False)
+    embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    kw = dict(num_inference_steps=STEPS, guidance_scale=1.0, output_type="np", progress=False)
+    want = pipe.generate(prompt_embeds=embeds, latents=latents, **kw).images
+    assert np.array_equal(pipe.generate(prompt_embeds=embeds.cuda(), latents=latents.cuda(), **kw).images, want)
+    want = pipe.generate(PROMPT, image=image, strength=0.5, seed=2, **kw).images
+    assert np.array_equal(pipe.generate(PROMPT, image=image.cuda(), strength=0.5, seed=2, **kw).images, want)

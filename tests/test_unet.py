@@ -239,7 +239,7 @@ def test_bad_cross_attention_kwargs():
         unet(*args, cross_attention_kwargs={"gligen": {}})
     with pytest.raises(TypeError, match="cross_attention_kwargs\\['scale'\\]"):
         unet(*args, cross_attention_kwargs={"scale": "high"})
-    with pytest.raises(TypeError, match="cross_attention_kwargs must be a dict"):
+    with pytest.raises(TypeError, match="cross_attention_kwargs: must be a dict"):
         unet(*args, cross_attention_kwargs=[("scale", 1.0)])
 
 
