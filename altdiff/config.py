@@ -1,13 +1,16 @@
 """Dataclass configs read from diffusers `config.json` / `model_index.json` / `scheduler_config.json`.
 
-Unknown keys are ignored and missing keys take diffusers' defaults, as `from_pretrained` does; a config that
-asks for a block or feature altdiff does not implement raises `ConfigError` naming the file and the field.
+Unknown keys are ignored and missing keys take diffusers' defaults, as `from_pretrained` does. A known key
+whose value has the wrong type (a string where an int belongs, a non-finite float) or an impossible value
+(zero channels, group counts that do not divide the channels), and a config that asks for a block or feature
+altdiff does not implement, raise `ConfigError` naming the file and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,31 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
+# The field annotations' names (dataclass fields keep them as strings) → what a JSON value must be.
+_JSON_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict,
+               "None": type(None)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if annotation == "Any":
+        return True
+    for name in annotation.split("|"):
+        kind = _JSON_TYPES[name.strip()]
+        if isinstance(value, bool) and kind is not bool:
+            continue  # JSON true is not the number 1
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # NaN / Infinity are Python's JSON extensions, never a valid setting
+        if isinstance(value, kind):
+            return True
+    return False
+
+
 def _from_dict(cls, data: dict, source: str = "<dict>"):
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k in names}
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in data.items() if k in fields}
+    for name, value in kwargs.items():
+        if not _has_type(value, fields[name]):
+            raise ConfigError(f"{source}: {name}={value!r} has the wrong type (expected {fields[name]})")
     cfg = cls(**kwargs)
     cfg.source = source
     cfg.check()
@@ -57,6 +82,23 @@ class _Config:
 
     def _refuse(self, name: str, expected: str) -> None:
         raise ConfigError(f"{self.source}: {name}={getattr(self, name)!r} is not supported (expected {expected})")
+
+    def _positive(self, *names: str) -> None:
+        """Each field a positive int, or a non-empty list of them (nested one level deep for per-layer values);
+        None passes (an unset optional field)."""
+        for name in names:
+            value = getattr(self, name)
+            values = [v for item in (value if isinstance(value, list) else [value])
+                      for v in (item if isinstance(item, list) else [item])]
+            if value is not None and (not values or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+                self._refuse(name, "positive integers" if isinstance(value, list) else "a positive int")
+
+    def _divides(self, name: str, channels_name: str) -> None:
+        """A group norm needs every channel count to be a multiple of its group count."""
+        channels = getattr(self, channels_name)
+        if any(c % getattr(self, name) for c in channels):
+            self._refuse(name, f"a divisor of every {channels_name} entry ({channels})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,12 +126,18 @@ class TextEncoderConfig(_Config):
     position_embedding_type: str = "absolute"
 
     def check(self) -> None:
+        self._positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings", "type_vocab_size", "project_dim")
         if self.hidden_act not in ("gelu",):
             self._refuse("hidden_act", "'gelu'")
         if self.position_embedding_type != "absolute":
             self._refuse("position_embedding_type", "'absolute'")
         if self.hidden_size % self.num_attention_heads:
             self._refuse("num_attention_heads", f"a divisor of hidden_size={self.hidden_size}")
+        if self.layer_norm_eps <= 0:
+            self._refuse("layer_norm_eps", "a number > 0")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            self._refuse("pad_token_id", f"an id below vocab_size={self.vocab_size}")
 
 
 UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -140,6 +188,10 @@ class UNetConfig(_Config):
     cross_attention_norm: str | None = None
 
     def check(self) -> None:
+        self._positive("in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+                       "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+                       "num_attention_heads", "sample_size", "time_cond_proj_dim", "conv_in_kernel",
+                       "conv_out_kernel")
         for name in ("down_block_types", "up_block_types"):
             allowed = UNET_DOWN_BLOCKS if name.startswith("down") else UNET_UP_BLOCKS
             for b in getattr(self, name):
@@ -159,8 +211,18 @@ class UNetConfig(_Config):
                               ("act_fn", "silu"), ("center_input_sample", False)):
             if getattr(self, name) != default:
                 self._refuse(name, repr(default))
-        if not isinstance(self.cross_attention_dim, int):
-            self._refuse("cross_attention_dim", "a single int")
+        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
+                     "only_cross_attention"):
+            if isinstance(getattr(self, name), list) and len(getattr(self, name)) != len(self.down_block_types):
+                self._refuse(name, f"one value, or one per down block ({len(self.down_block_types)})")
+        for name in ("conv_in_kernel", "conv_out_kernel"):
+            if getattr(self, name) % 2 == 0:
+                self._refuse(name, "an odd kernel size (the convolution keeps the latent size)")
+        if self.downsample_padding < 0:
+            self._refuse("downsample_padding", "an int >= 0")
+        if self.norm_eps <= 0:
+            self._refuse("norm_eps", "a number > 0")
+        self._divides("norm_num_groups", "block_out_channels")
 
     def per_block(self, name: str) -> list:
         """An int-or-list field expanded to one value per down block."""
@@ -190,15 +252,29 @@ class VAEConfig(_Config):
     act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int = 32
+    sample_size: int | list = 32
     scaling_factor: float = 0.18215
-    shift_factor: float | None = None
+    shift_factor: float | None = None  # refused unless null/0 (see check)
+    # Read and, as in diffusers' AltDiffusion/SD pipelines, not acted on (only its SDXL-family pipelines
+    # upcast the VAE for fp16): altdiff decodes in fp16 and decodes again in fp32 only when that overflows.
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
     def check(self) -> None:
+        self._positive("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                       "norm_num_groups", "sample_size")
+        for name in ("down_block_types", "up_block_types"):
+            if len(getattr(self, name)) != len(self.block_out_channels):
+                self._refuse(name, f"one block per block_out_channels entry ({len(self.block_out_channels)})")
+        self._divides("norm_num_groups", "block_out_channels")
+        if self.scaling_factor <= 0:
+            self._refuse("scaling_factor", "a number > 0")
+        # diffusers' SD-style pipelines never read shift_factor (a Flux/SD3 VAE setting); latents made
+        # without the shift would be wrong, so a VAE that needs one is refused.
+        if self.shift_factor not in (None, 0):
+            self._refuse("shift_factor", "null or 0: altdiff's pipelines apply no latent shift")
         if any(b != "DownEncoderBlock2D" for b in self.down_block_types):
             self._refuse("down_block_types", "only 'DownEncoderBlock2D'")
         if any(b != "UpDecoderBlock2D" for b in self.up_block_types):
@@ -274,8 +350,14 @@ class SafetyConfig(_Config):
         return _from_dict(cls, vision, source)
 
     def check(self) -> None:
+        self._positive("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                       "patch_size", "num_channels", "projection_dim")
         if self.hidden_act not in ("quick_gelu", "gelu"):
             self._refuse("hidden_act", "'quick_gelu' or 'gelu'")
+        if self.hidden_size % self.num_attention_heads:
+            self._refuse("num_attention_heads", f"a divisor of hidden_size={self.hidden_size}")
+        if self.patch_size > self.image_size:
+            self._refuse("patch_size", f"at most image_size={self.image_size}")
 
 
 @dataclass

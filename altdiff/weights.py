@@ -137,8 +137,12 @@ def check_state_dict(model: nn.Module, state_dict: StateDict, source: str) -> No
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k} {tuple(state_dict[k].shape)} (model expects {tuple(v.shape)})"
               for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    # Weights quantized to (or mislabelled as) an integer dtype would be cast to garbage floats.
+    dtypes = [f"{k} {state_dict[k].dtype}" for k, v in expected.items()
+              if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()]
     problems = [_summary(x, w) for x, w in ((missing, "missing keys"), (unexpected, "unexpected keys"),
-                                            (shapes, "shape mismatches")) if x]
+                                            (shapes, "shape mismatches"),
+                                            (dtypes, "weights in a non-floating-point dtype")) if x]
     if problems:
         raise WeightsError(f"{source}: weights do not fit {type(model).__name__}; " + "; ".join(problems))
 
