@@ -1,10 +1,11 @@
 """`altdiff batch requests.jsonl --out DIR`: many generate() requests, resumable, in-process or on Ray Data.
 
 Each line of the requests file is a JSON object of generate() keyword arguments. A request's images are named
-by a stable hash of its arguments, so a rerun skips every request whose images exist. Images are written
-atomically with the CLI's infotext; manifest.jsonl gets a line as each request finishes and is rewritten at
-the end of a run with exactly one line per request (request, key, files, seeds, nsfw, error). A failing
-request is recorded with its error and the run goes on.
+by a stable hash of its arguments and of the run's settings that change pixels (device type, dtype, safety
+checker, compile, batch size), so a rerun with the same settings skips every request whose images exist.
+Images are written atomically with the CLI's infotext; manifest.jsonl gets a line as each request finishes and
+is rewritten at the end of a run with exactly one line per request (request, key, files, seeds, nsfw, error).
+A failing request is recorded with its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import checks
 from .atomic import atomic_path
 from .checks import is_int
-from .cli import add_network_options, add_runtime_options, image_infotext
+from .cli import add_network_options, add_runtime_options, image_infotext, os_error
 from .generate import generate
 from .images import open_image, save_png
 from .pipeline import DEFAULT_MODEL, Pipeline, load
@@ -57,9 +61,11 @@ def _hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def parse_request(line: str, model: str | None = None, base: Path = Path(".")) -> Request:
+def parse_request(line: str, model: str | None = None, base: Path = Path("."), settings: dict | None = None
+                  ) -> Request:
     """One line of a requests file. `model` is the default for requests that name none; relative image
-    paths are taken from `base`. Problems are returned as a Request with `error`, never raised."""
+    paths are taken from `base`; `settings` (the run's pixel-changing options) join the arguments in the
+    key. Problems are returned as a Request with `error`, never raised."""
     def bad(error: str, request: Any = line) -> Request:
         return Request(_hash(line), {}, request, error)
 
@@ -81,21 +87,24 @@ def parse_request(line: str, model: str | None = None, base: Path = Path(".")) -
     if not is_int(args.get("num_images_per_prompt", 1), 1, 2**63 - 1):
         return bad(f"num_images_per_prompt: expected a positive int, got {args['num_images_per_prompt']!r}",
                    request)
-    if "seed" in args and not is_int(args["seed"], 0, 2**63 - 1):
-        return bad(f"seed: expected an int >= 0, got {args['seed']!r}", request)
+    if "seed" in args:
+        try:
+            checks.seed("seed", args["seed"], args.get("num_images_per_prompt", 1))
+        except (TypeError, ValueError) as e:
+            return bad(str(e), request)
     if model is not None:
         args.setdefault("model", model)
     for name, root in (("model", Path(".")), ("image", base)):
         # Absolute paths, so Ray workers (other working directories) find the same files.
         if name in args and (root / args[name]).exists():
             args[name] = str((root / args[name]).resolve())
-    key = _hash(args)
-    # A request without a seed gets one from its hash: reruns and Ray workers make the same image.
-    args.setdefault("seed", int(key[:8], 16))
-    return Request(key, args, request)
+    # A request without a seed gets one from the hash of its arguments: reruns, Ray workers and runs with
+    # other settings make it with the same seed.
+    args.setdefault("seed", int(_hash(args)[:8], 16))
+    return Request(_hash({"args": args, "settings": settings or {}}), args, request)
 
 
-def read_requests(path: str | Path, model: str | None = None) -> list[Request]:
+def read_requests(path: str | Path, model: str | None = None, settings: dict | None = None) -> list[Request]:
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -111,7 +120,7 @@ def read_requests(path: str | Path, model: str | None = None) -> list[Request]:
             line = raw.decode("utf-8", errors="replace")
             requests.append(Request(_hash(line), {}, line, f"not UTF-8 text ({e.reason} at byte {e.start})"))
             continue
-        requests.append(parse_request(line, model, path.parent))
+        requests.append(parse_request(line, model, path.parent, settings))
     return requests
 
 
@@ -209,8 +218,9 @@ class Runner:
         return {"entry": [json.dumps(e, ensure_ascii=False) for e in entries]}
 
 
-def _run_ray(jobs: list[list[Request]], runner_kwargs: dict, concurrency: int,
-             num_gpus_per_worker: float) -> Iterator[dict]:
+def _ray_gpus_per_worker(num_gpus_per_worker: float | None) -> float:
+    """Joins (or starts) the Ray cluster; the GPUs per worker: as asked, or 1 when the cluster has GPUs and
+    0 when it has none."""
     try:
         import ray
     except ImportError:
@@ -218,9 +228,18 @@ def _run_ray(jobs: list[list[Request]], runner_kwargs: dict, concurrency: int,
     if not ray.is_initialized():
         ray.init()  # joins the cluster named by RAY_ADDRESS or `ray start`, else starts a local one
     gpus = ray.cluster_resources().get("GPU", 0)
+    if num_gpus_per_worker is None:
+        return 1 if gpus else 0
     if num_gpus_per_worker > gpus:
         raise ValueError(f"--num-gpus-per-worker: {num_gpus_per_worker} requested but the Ray cluster has "
                          f"{gpus:g} GPUs (use 0 for CPU workers)")
+    return num_gpus_per_worker
+
+
+def _run_ray(jobs: list[list[Request]], runner_kwargs: dict, concurrency: int,
+             num_gpus_per_worker: float) -> Iterator[dict]:
+    import ray
+
     items = [{"job": json.dumps([asdict(r) for r in job], ensure_ascii=False)} for job in jobs]
     # One job per call; each actor of the pool holds its own loaded Pipeline (one per GPU).
     ds = ray.data.from_items(items).map_batches(
@@ -248,28 +267,42 @@ def _write_manifest(path: Path, entries: list[dict]) -> None:
 
 def run(requests_file: str | Path, out: str | Path, *, model: str | None = None, device: str | None = None,
         dtype: str | None = None, safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True,
-        batch_size: int = 1, use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float = 1.0,
+        batch_size: int = 1, use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float | None = None,
         verbose: bool = False, lora_dir: str | None = None, embeddings_dir: str | None = None) -> list[dict]:
     """Run every unfinished request of `requests_file` into `out`; returns the manifest entries (one per
     distinct request, in file order). `<lora:NAME:w>` tags of requests with a1111_prompts are found in
-    `lora_dir`; embeddings in `embeddings_dir` apply where a prompt names them."""
+    `lora_dir`; embeddings in `embeddings_dir` apply where a prompt names them. With `use_ray`,
+    `num_gpus_per_worker` None means 1 when the Ray cluster has GPUs and 0 when it has none."""
     for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
         if not is_int(value, 1, 2**63 - 1):
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value!r}")
-    if not isinstance(num_gpus_per_worker, (int, float)) or not 0 <= num_gpus_per_worker < float("inf"):
+    if num_gpus_per_worker is not None and not (checks.is_number(num_gpus_per_worker) and num_gpus_per_worker >= 0):
         raise ValueError(f"--num-gpus-per-worker: must be >= 0, got {num_gpus_per_worker!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
-    requests = read_requests(requests_file, model)
+    checks.writable("--out", out)
+    if use_ray:
+        num_gpus_per_worker = _ray_gpus_per_worker(num_gpus_per_worker)
+        # The device the workers will use: the driver (often a CPU-only head node) may have no GPU itself.
+        device = device or ("cuda" if num_gpus_per_worker else "cpu")
+        device_type = checks.parse_device(device, require_available=False).type
+    else:
+        device_type = checks.parse_device(device).type
+    dtype_name = str(checks.parse_dtype(dtype, torch.device(device_type))).removeprefix("torch.")
+    folders = {k: str(Path(v).resolve()) if v else None
+               for k, v in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir))}
+    # What changes pixels joins the request's arguments in its key (the network folders: a prompt's tags are
+    # read there); cuda_graphs does not (bit-identical replays).
+    settings = {"device": device_type, "dtype": dtype_name, "safety_checker": bool(safety_checker),
+                "compile": compile, "batch_size": batch_size, **folders}
+    requests = read_requests(requests_file, model, settings)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
     old = _read_manifest(manifest)
     done, jobs = plan(requests, out, batch_size)
-    runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype, "safety_checker": safety_checker,
-                     "compile": compile, "cuda_graphs": cuda_graphs,
-                     **{k: str(Path(v).resolve()) if v else None
-                        for k, v in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir))}}
+    runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype_name,
+                     "safety_checker": safety_checker, "compile": compile, "cuda_graphs": cuda_graphs, **folders}
     if not jobs:
         results: Iterator[dict] = iter(())
     elif use_ray:
@@ -308,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "then differ from single runs by one uint8 level)")
     p.add_argument("--ray", action="store_true", help="run on Ray Data (the cluster in RAY_ADDRESS, or local)")
     p.add_argument("--concurrency", type=int, default=1, help="--ray: number of workers, one pipeline each")
-    p.add_argument("--num-gpus-per-worker", type=float, default=1.0, help="--ray: GPUs per worker (0: CPU)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=None,
+                   help="--ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0 for CPU workers)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 
@@ -324,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"altdiff batch: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"altdiff batch: error: {os_error(e)}", file=sys.stderr)
+        return 1
     failed = [e for e in entries if e["error"]]
     print(f"altdiff batch: {len(entries) - len(failed)} requests done, {len(failed)} failed "
           f"(see {Path(args.out) / MANIFEST})", file=sys.stderr)

@@ -7,6 +7,7 @@ import random
 import sys
 from pathlib import Path
 
+from . import checks
 from .images import format_infotext, open_image, save_png
 
 # The webui's names, so infotext pasted into it selects the same sampler.
@@ -93,6 +94,9 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
     taken = [str(p) for p in paths if p.exists()]
     if taken and not overwrite:
         raise ValueError(f"output: {', '.join(taken)} already exists (use %d in -o for numbering, or --overwrite)")
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise ValueError(f"output: {', '.join(folders)} is a folder; name the image file (e.g. {base}/out-%d.png)")
     return paths
 
 
@@ -111,12 +115,17 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "batch_count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.seed < -1:
-        raise ValueError(f"--seed: must be >= 0 or -1 for random, got {args.seed}")
+    if args.seed != -1:  # -1: random
+        checks.seed("--seed", args.seed, args.batch_size * args.batch_count)
     for name, files in (("--lora", [lora_option(s)[0] for s in args.lora]), ("--embedding", args.embedding)):
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise ValueError(f"{name}: file not found: {', '.join(missing)}")
+
+
+def os_error(e: OSError) -> str:
+    """A failed read or write as one line: the file and the system's reason."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         paths = output_paths(args.output, args.batch_size * args.batch_count, args.overwrite)
+        for folder in dict.fromkeys(p.parent for p in paths):
+            checks.writable("-o/--output", folder)
         init = open_image(args.init_image) if args.init_image else None
         return _run(args, paths, init)
     except (ValueError, TypeError) as e:
         print(f"altdiff: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"altdiff: error: {os_error(e)}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace, paths: list[Path], init) -> int:

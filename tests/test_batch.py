@@ -46,7 +46,10 @@ BAD = [
     (b"not json", "not a valid JSON line"),
     ({"prompt": "x", "foo": 1}, "unknown argument"),
     ({"negative_prompt": "no prompt"}, "prompt: expected a string"),
-    ({"prompt": "x", "seed": -1}, "seed: expected an int >= 0"),
+    ({"prompt": "x", "seed": -1}, "seed: must be in 0..2**64-1"),
+    ({"prompt": "x", "seed": 2**64}, "seed: must be in 0..2**64-1"),
+    ({"prompt": "x", "seed": 2**64 - 1, "num_images_per_prompt": 2}, "and the 2 seeds from it"),
+    ({"prompt": "x", "seed": 1.5}, "seed: expected an int"),
     ({"prompt": "x", "num_images_per_prompt": 0}, "num_images_per_prompt"),
     (b'{"prompt": "\xff\xfe"}', "not UTF-8"),
     ([1, 2], "expected a JSON object"),
@@ -159,10 +162,11 @@ def test_interrupted_run_resumes_on_ray_without_duplicates_or_gaps(m9_folder, tm
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        with pytest.raises(ValueError, match="num-gpus-per-worker"):
-            batch.run(requests, out, model=str(m9_folder), device="cpu", use_ray=True)
-        entries = batch.run(requests, out, model=str(m9_folder), device="cpu", use_ray=True, concurrency=2,
-                            num_gpus_per_worker=0)
+        with pytest.raises(ValueError, match="num-gpus-per-worker: 1 requested but the Ray cluster has 0 GPUs"):
+            batch.run(requests, out, model=str(m9_folder), device="cpu", use_ray=True, num_gpus_per_worker=1)
+        # No --device and no --num-gpus-per-worker: a CPU-only cluster gets CPU workers, whose settings (cpu,
+        # fp32) are the local run's, so its finished images are kept.
+        entries = batch.run(requests, out, model=str(m9_folder), use_ray=True, concurrency=2)
     finally:
         ray.shutdown()
     assert entries == reference
@@ -173,6 +177,24 @@ def test_interrupted_run_resumes_on_ray_without_duplicates_or_gaps(m9_folder, tm
     for e in reference:
         # Ray workers run torch with one thread; allow the one level a different reduction order can flip.
         assert np.abs(pixels(out / e["files"][0]) - pixels(tmp_path / "local" / e["files"][0])).max() <= 1
+
+
+def test_rerun_with_settings_that_change_pixels_makes_new_images(m9_folder, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [{"prompt": "a cat", "num_inference_steps": STEPS}])
+    out = tmp_path / "out"
+    first = batch.run(requests, out, model=str(m9_folder), device="cpu")  # fp32, the CPU default
+    calls = count_generate_calls(monkeypatch)
+    assert batch.run(requests, out, model=str(m9_folder), device="cpu", dtype="fp32") == first  # same settings
+    assert calls == []
+    keys = [first[0]["key"]]
+    for settings in ({"dtype": "bf16"}, {"safety_checker": False}, {"batch_size": 2}):
+        entry, = batch.run(requests, out, model=str(m9_folder), device="cpu", **settings)
+        assert entry["error"] is None and entry["key"] not in keys, settings
+        assert entry["seeds"] == first[0]["seeds"]  # the seed comes from the request alone
+        keys.append(entry["key"])
+    assert len(calls) == 3
+    # Why it matters: the bf16 image is another image, which a skipped rerun would have passed off as made.
+    assert not np.array_equal(pixels(out / f"{keys[0]}-0.png"), pixels(out / f"{keys[1]}-0.png"))
 
 
 def test_cli_batch_subcommand(m9_folder, tmp_path, capsys):
