@@ -55,7 +55,8 @@ def _has_type(value, annotation: str) -> bool:
 
 def _from_dict(cls, data: dict, source: str = "<dict>"):
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k in fields}
+    # Tuples come from diffusers' in-memory configs (FrozenDict); files give lists.
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items() if k in fields}
     for name, value in kwargs.items():
         if not _has_type(value, fields[name]):
             raise ConfigError(f"{source}: {name}={value!r} has the wrong type (expected {fields[name]})")
@@ -89,7 +90,7 @@ class _Config:
         for name in names:
             value = getattr(self, name)
             values = [v for item in (value if isinstance(value, list) else [value])
-                      for v in (item if isinstance(item, list) else [item])]
+                      for v in (item if isinstance(item, (list, tuple)) else [item])]
             if value is not None and (not values or not all(
                     isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
                 self._refuse(name, "positive integers" if isinstance(value, list) else "a positive int")

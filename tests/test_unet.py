@@ -262,5 +262,5 @@ def test_bad_timestep_cond():
 
 
 def test_enable_freeu_rejects_non_numbers():
-    with pytest.raises(TypeError, match="enable_freeu: b2 must be a real number"):
+    with pytest.raises(TypeError, match="enable_freeu: b2 must be a finite number"):
         meta_unet().enable_freeu(0.9, 0.2, 1.2, None)
