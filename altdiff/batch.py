@@ -10,7 +10,6 @@ A failing request is recorded with its error and the run goes on.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -25,9 +24,8 @@ import torch
 from . import checks
 from .atomic import atomic_path
 from .checks import is_int
-from .cli import add_network_options, add_runtime_options, image_infotext, os_error
 from .generate import generate
-from .images import open_image, save_png
+from .images import image_infotext, open_image, save_png
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .schedules import sampler_for_config
 
@@ -325,43 +323,3 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
     entries = [finished.get(k) or kept.get(k) or _entry(by_key[k]) for k in order]
     _write_manifest(manifest, entries)
     return entries
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="altdiff batch", description="Run a JSONL file of generate() requests; "
-                                "reruns skip requests whose images exist.")
-    p.add_argument("requests", help="JSONL file, one JSON object of generate() arguments per line")
-    p.add_argument("--out", required=True, help="folder for the PNGs and manifest.jsonl")
-    p.add_argument("--model", default=None, help="model for requests that name none "
-                   f"(default {DEFAULT_MODEL})")
-    add_runtime_options(p)
-    add_network_options(p)
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="requests per UNet batch when only prompt, negative prompt and seed differ (images may "
-                        "then differ from single runs by one uint8 level)")
-    p.add_argument("--ray", action="store_true", help="run on Ray Data (the cluster in RAY_ADDRESS, or local)")
-    p.add_argument("--concurrency", type=int, default=1, help="--ray: number of workers, one pipeline each")
-    p.add_argument("--num-gpus-per-worker", type=float, default=None,
-                   help="--ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0 for CPU workers)")
-    p.add_argument("--quiet", action="store_true", help="print only the summary")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        entries = run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
-                      safety_checker=not args.no_safety_checker, compile=args.compile,
-                      cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size, use_ray=args.ray,
-                      concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
-                      verbose=not args.quiet, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
-    except (ValueError, TypeError) as e:
-        print(f"altdiff batch: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"altdiff batch: error: {os_error(e)}", file=sys.stderr)
-        return 1
-    failed = [e for e in entries if e["error"]]
-    print(f"altdiff batch: {len(entries) - len(failed)} requests done, {len(failed)} failed "
-          f"(see {Path(args.out) / MANIFEST})", file=sys.stderr)
-    return 1 if failed else 0

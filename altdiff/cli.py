@@ -1,4 +1,5 @@
-"""`altdiff "prompt" -o out.png`: generate PNGs carrying AUTOMATIC1111 infotext."""
+"""The `altdiff` console script: `altdiff "prompt" -o out.png` (PNGs carrying AUTOMATIC1111 infotext) and
+`altdiff batch` (altdiff.batch)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ import sys
 from pathlib import Path
 
 from . import checks
-from .images import format_infotext, open_image, save_png
-
-# The webui's names, so infotext pasted into it selects the same sampler.
-SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+from .images import SAMPLER_LABELS, image_infotext, open_image, save_png
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -100,17 +97,6 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
     return paths
 
 
-def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: int, sampler: str,
-                   cfg_scale: float, seed: int, model: str, strength: float | None = None,
-                   nsfw: bool = False, extra: dict[str, str] | None = None) -> str:
-    """The infotext of one generated image, as the CLI and `altdiff batch` write it; `extra` adds fields such
-    as GenerationResult.infotext's "Lora hashes"."""
-    params = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": cfg_scale,
-              "Seed": seed, "Size": f"{image.width}x{image.height}", "Model": Path(str(model)).name,
-              "Denoising strength": strength, "NSFW": True if nsfw else None, **(extra or {})}
-    return format_infotext(prompt, negative_prompt, params)
-
-
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "batch_count"):
         if getattr(args, name) < 1:
@@ -131,8 +117,6 @@ def os_error(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["batch"]:  # `altdiff -- batch` still makes an image of the word "batch"
-        from .batch import main as batch_main
-
         return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
@@ -202,6 +186,51 @@ def _load_networks(pipe, args: argparse.Namespace) -> dict[str, str]:
             embeddings[file.stem] = file
     fields = {"Lora hashes": hashes_field(loras, lora_hash), "TI hashes": hashes_field(embeddings, embedding_hash)}
     return {k: v for k, v in fields.items() if v}
+
+
+
+def build_batch_parser() -> argparse.ArgumentParser:
+    from .pipeline import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="altdiff batch", description="Run a JSONL file of generate() requests; "
+                                "reruns skip requests whose images exist.")
+    p.add_argument("requests", help="JSONL file, one JSON object of generate() arguments per line")
+    p.add_argument("--out", required=True, help="folder for the PNGs and manifest.jsonl")
+    p.add_argument("--model", default=None, help="model for requests that name none "
+                   f"(default {DEFAULT_MODEL})")
+    add_runtime_options(p)
+    add_network_options(p)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="requests per UNet batch when only prompt, negative prompt and seed differ (images may "
+                        "then differ from single runs by one uint8 level)")
+    p.add_argument("--ray", action="store_true", help="run on Ray Data (the cluster in RAY_ADDRESS, or local)")
+    p.add_argument("--concurrency", type=int, default=1, help="--ray: number of workers, one pipeline each")
+    p.add_argument("--num-gpus-per-worker", type=float, default=None,
+                   help="--ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0 for CPU workers)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def batch_main(argv: list[str] | None = None) -> int:
+    from . import batch
+
+    args = build_batch_parser().parse_args(argv)
+    try:
+        entries = batch.run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
+                            safety_checker=not args.no_safety_checker, compile=args.compile,
+                            cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size, use_ray=args.ray,
+                            concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
+                            verbose=not args.quiet, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+    except (ValueError, TypeError) as e:
+        print(f"altdiff batch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"altdiff batch: error: {os_error(e)}", file=sys.stderr)
+        return 1
+    failed = [e for e in entries if e["error"]]
+    print(f"altdiff batch: {len(entries) - len(failed)} requests done, {len(failed)} failed "
+          f"(see {Path(args.out) / batch.MANIFEST})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -153,6 +153,10 @@ def postprocess(image: torch.Tensor, output_type: str, do_denormalize: Sequence[
 
 # --- AUTOMATIC1111 "parameters" infotext -------------------------------------------------------------------
 
+# The webui's names, so infotext pasted into it selects the same sampler.
+SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
+
 _PARAM_RE = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
@@ -167,6 +171,17 @@ def format_infotext(prompt: str, negative_prompt: str | None, params: dict[str, 
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {value(v)}" for k, v in params.items() if v is not None))
     return "\n".join(lines)
+
+
+def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: int, sampler: str,
+                   cfg_scale: float, seed: int, model: str, strength: float | None = None,
+                   nsfw: bool = False, extra: dict[str, str] | None = None) -> str:
+    """The infotext of one generated image, as the CLI and `altdiff batch` write it; `extra` adds fields such
+    as GenerationResult.infotext's "Lora hashes"."""
+    params = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": cfg_scale,
+              "Seed": seed, "Size": f"{image.width}x{image.height}", "Model": Path(str(model)).name,
+              "Denoising strength": strength, "NSFW": True if nsfw else None, **(extra or {})}
+    return format_infotext(prompt, negative_prompt, params)
 
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from altdiff import cli
-from altdiff.images import format_infotext, parse_infotext, read_infotext, save_png
+from altdiff.images import SAMPLER_LABELS, format_infotext, parse_infotext, read_infotext, save_png
 
 
 def test_cli_writes_png_with_parsable_infotext(m9_folder, tmp_path, capsys):
@@ -80,7 +80,7 @@ text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 
 @settings(max_examples=200, deadline=None)
 @given(prompt=text.filter(lambda s: not s.startswith("Negative prompt:")),
-       negative=text.filter(lambda s: s == s.strip()), sampler=st.sampled_from(list(cli.SAMPLER_LABELS.values())),
+       negative=text.filter(lambda s: s == s.strip()), sampler=st.sampled_from(list(SAMPLER_LABELS.values())),
        seed=st.integers(0, 2**32), cfg=st.floats(1, 30, allow_nan=False))
 def test_infotext_round_trip(prompt, negative, sampler, seed, cfg):
     params = {"Steps": 20, "Sampler": sampler, "CFG scale": cfg, "Seed": seed, "Size": "512x512",

@@ -210,7 +210,7 @@ def batch_args(*argv: str) -> Callable:
         requests = ctx.tmp / "requests.jsonl"
         requests.write_text(json.dumps({"prompt": PROMPT, "num_inference_steps": 2}) + "\n")
         args = [str(requests), "--model", str(ctx.folder), *argv, "--quiet"]
-        return run_cli(batch.main, [a.format(tmp=ctx.tmp, out=ctx.out) for a in args])
+        return run_cli(cli.batch_main, [a.format(tmp=ctx.tmp, out=ctx.out) for a in args])
     return run
 
 
@@ -597,7 +597,7 @@ def test_an_unwritable_output_folder_is_refused_before_loading(tmp_path, monkeyp
             f"{locked}" in err and "Traceback" not in err
         requests = tmp_path / "r.jsonl"
         requests.write_text('{"prompt": "x"}\n')
-        rc, err = run_cli(batch.main, [str(requests), "--out", str(locked / "out"), "--device", "cpu"])
+        rc, err = run_cli(cli.batch_main, [str(requests), "--out", str(locked / "out"), "--device", "cpu"])
         assert rc == 2 and "--out: cannot write to" in err and "Traceback" not in err
     finally:
         locked.chmod(0o700)
@@ -617,7 +617,7 @@ def test_a_failed_write_is_one_error_line(m9_folder, tmp_path, monkeypatch):
     # altdiff batch: a request whose image cannot be written fails alone, with the reason in the manifest.
     requests = tmp_path / "r.jsonl"
     requests.write_text('{"prompt": "x", "num_inference_steps": 1}\n')
-    rc, err = run_cli(batch.main, [str(requests), "--out", str(out), "--model", str(m9_folder), "--device", "cpu",
+    rc, err = run_cli(cli.batch_main, [str(requests), "--out", str(out), "--model", str(m9_folder), "--device", "cpu",
                                    "--quiet"])
     manifest = [json.loads(line) for line in (out / batch.MANIFEST).read_text().splitlines()]
     assert rc == 1 and "Traceback" not in err and "No space left on device" in manifest[0]["error"]
