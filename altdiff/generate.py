@@ -34,6 +34,11 @@ CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 _loaded: dict[str, Pipeline] = {}
 
 
+class _Interrupted(Exception):
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+
 @dataclass
 class GenerationResult:
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -349,6 +354,8 @@ def _step_callback(pipe: Pipeline, embeds: dict, bar, n_calls: int, steps: int, 
                 raise ValueError(f"callback_on_step_end: returned latents with NaN or inf at step {i}")
         if callback is not None and (i == n_calls - 1 or i + 1 > warmup) and i % (callback_steps or 1) == 0:
             callback(i, t, x if new is None else new)
+        if pipe._interrupt:  # set by a callback: stop here with these latents
+            raise _Interrupted(x if new is None else new)
         return new
 
     return on_step
@@ -416,6 +423,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
 
     with pipe.lock, prompt_networks(pipe, prompt, negative_prompt, a1111_prompts=a1111_prompts, lora_dir=lora_dir,
                                     embeddings_dir=embeddings_dir) as networks, torch.inference_mode():
+        pipe._interrupt = False
         embeds, do_cfg = _encode(pipe, networks.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, guidance_scale, cross_attention_kwargs, clip_skip,
                                  a1111_prompts)
@@ -425,11 +433,14 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         with tqdm(total=n_calls, disable=not progress, desc="altdiff") as bar:
             on_step = _step_callback(pipe, embeds, bar, n_calls, steps, callback_on_step_end,
                                      callback_on_step_end_tensor_inputs, callback, callback_steps)
-            latents = denoise(pipe.unet_runner(), latents, schedule, sample_fn, embeds,
-                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, do_cfg=do_cfg,
-                              timestep_cond=_guidance_embedding(pipe, guidance_scale, total, latents.dtype),
-                              cross_attention_kwargs=cross_attention_kwargs, generator=generator, eta=eta,
-                              callback=on_step)
+            try:
+                latents = denoise(pipe.unet_runner(), latents, schedule, sample_fn, embeds,
+                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, do_cfg=do_cfg,
+                                  timestep_cond=_guidance_embedding(pipe, guidance_scale, total, latents.dtype),
+                                  cross_attention_kwargs=cross_attention_kwargs, generator=generator, eta=eta,
+                                  callback=on_step)
+            except _Interrupted as stop:
+                latents = stop.latents
         images, nsfw = _decode(pipe, latents, output_type)
     if not return_dict:
         return images, nsfw

@@ -44,6 +44,9 @@ class Pipeline:
     compile: bool = False
     cuda_graphs: bool = True
     _fast_unet: FastUNet | None = field(default=None, repr=False)
+    # diffusers' convention: a callback_on_step_end sets `pipe._interrupt = True` to end sampling after the
+    # current step; generate() then decodes the latents it has. Cleared when generate() starts.
+    _interrupt: bool = field(default=False, repr=False)
 
     @property
     def device(self) -> torch.device:

@@ -231,6 +231,35 @@ def test_callback_on_step_end_sees_every_step_and_changes_latents(ref_pipes, alt
     assert np.abs(to_uint8(plain.images) - to_uint8(alt.images)).max() > 1
 
 
+def test_interrupt_from_callback_decodes_the_latents_it_has(ref_pipes, alt_pipes):
+    """`pipe._interrupt = True` in a callback (diffusers' convention) ends sampling after that step; the
+    image is the decode of the latents at that step, as diffusers' VAE and image processor make it."""
+    stop, seen = 2, {}
+
+    def capture(pipe, i, t, kwargs):
+        if i == stop:
+            seen["latents"] = kwargs["latents"].clone()
+        return {}
+    ref = ref_pipes()
+    ref(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="latent", callback_on_step_end=capture)
+    with torch.no_grad():
+        decoded = ref.vae.decode(seen["latents"] / ref.vae.config.scaling_factor).sample
+    expected = ref.image_processor.postprocess(decoded, output_type="np")
+    calls = []
+
+    def interrupt(pipe, i, t, kwargs):
+        calls.append(i)
+        pipe._interrupt = i == stop
+        return {}
+    pipe = alt_pipes["m9"]
+    alt = pipe.generate(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="np",
+                        callback_on_step_end=interrupt, progress=False)
+    assert calls == list(range(stop + 1)) and alt.nsfw_content_detected == [False]
+    assert_same_images(alt.images, expected)
+    full = pipe.generate(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="np", progress=False)
+    assert np.abs(to_uint8(full.images) - to_uint8(alt.images)).max() > 1  # the next call runs every step
+
+
 def test_legacy_callback_and_callback_steps_match_diffusers(ref_pipes, alt_pipes):
     ref_log, alt_log = [], []
     ref_pipes()(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="np", callback_steps=2,
