@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,9 +176,9 @@ def format_infotext(prompt: str, negative_prompt: str | None, params: dict[str, 
 
 def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: int, sampler: str,
                    cfg_scale: float, seed: int, model: str, strength: float | None = None,
-                   nsfw: bool = False, extra: dict[str, str] | None = None) -> str:
-    """The infotext of one generated image, as the CLI and `altdiff batch` write it; `extra` adds fields such
-    as GenerationResult.infotext's "Lora hashes"."""
+                   nsfw: bool = False, extra: dict[str, Any] | None = None) -> str:
+    """The infotext of one generated image, as the CLI, `altdiff batch` and `altdiff serve` write it; `extra`
+    adds fields such as GenerationResult.infotext's "Lora hashes" or the server's "Variation seed"."""
     params = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": cfg_scale,
               "Seed": seed, "Size": f"{image.width}x{image.height}", "Model": Path(str(model)).name,
               "Denoising strength": strength, "NSFW": True if nsfw else None, **(extra or {})}
@@ -203,15 +204,27 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt_lines), "\n".join(negative_lines), params
 
 
-def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = None) -> Path:
-    """Write a PNG atomically (temp file in the same folder, then rename) with the infotext as a UTF-8
-    iTXt "parameters" chunk, so CJK and Arabic prompts survive."""
+def _png_info(infotext: str | None) -> PngInfo:
+    # UTF-8 iTXt, so CJK and Arabic prompts survive.
     info = PngInfo()
     if infotext is not None:
         info.add_itxt("parameters", infotext)
+    return info
+
+
+def encode_png(image: PIL.Image.Image, infotext: str | None = None) -> bytes:
+    """PNG bytes with the infotext as the "parameters" chunk, as save_png writes them."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(infotext))
+    return buffer.getvalue()
+
+
+def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = None) -> Path:
+    """Write a PNG atomically (temp file in the same folder, then rename) with the infotext as a UTF-8
+    iTXt "parameters" chunk, so CJK and Arabic prompts survive."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=_png_info(infotext))
     return path
 
 
