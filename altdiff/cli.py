@@ -34,7 +34,8 @@ def add_network_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.",
-                                epilog="Many prompts: altdiff batch requests.jsonl --out DIR (altdiff batch -h).")
+                                epilog="Many prompts: altdiff batch requests.jsonl --out DIR (altdiff batch -h). "
+                                "A web API and page: altdiff serve (altdiff serve -h).")
     p.add_argument("prompt", help="the prompt, in any of the model's languages")
     p.add_argument("-n", "--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50)
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["batch"]:  # `altdiff -- batch` still makes an image of the word "batch"
         return batch_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
@@ -231,6 +234,67 @@ def batch_main(argv: list[str] | None = None) -> int:
     print(f"altdiff batch: {len(entries) - len(failed)} requests done, {len(failed)} failed "
           f"(see {Path(args.out) / batch.MANIFEST})", file=sys.stderr)
     return 1 if failed else 0
+
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    from .webui import Limits
+
+    limits = Limits()
+    p = argparse.ArgumentParser(prog="altdiff serve", description="The AUTOMATIC1111 webui's /sdapi/v1 API and a "
+                                "web page at http://HOST:PORT/.")
+    p.add_argument("--model", action="append", default=[], help="hub repo id, diffusers folder or single file; "
+                   "repeat for several (the first is loaded at start; default BAAI/AltDiffusion-m9)")
+    p.add_argument("--models-dir", default=None, help="more models: diffusers folders and .safetensors/.ckpt files")
+    p.add_argument("--lora-dir", default=None, help="listed by /sdapi/v1/loras")
+    p.add_argument("--embeddings-dir", default=None, help="listed by /sdapi/v1/embeddings")
+    p.add_argument("--outdir", default=None, help="where requests with save_images write their PNGs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                   help="HTTP basic auth on every route, page included")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting behind the running one; more get 503")
+    p.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="width x height limit per image")
+    p.add_argument("--max-steps", type=int, default=limits.max_steps)
+    p.add_argument("--max-batch-size", type=int, default=limits.max_batch_size)
+    p.add_argument("--max-n-iter", type=int, default=limits.max_n_iter, help="limit on a request's batch count")
+    add_runtime_options(p)
+    p.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas (the cluster in RAY_ADDRESS, "
+                   "or a local one)")
+    p.add_argument("--replicas", type=int, default=1, help="--ray: number of replicas, one pipeline each")
+    p.add_argument("--num-gpus-per-replica", type=float, default=None,
+                   help="--ray: default 1 when the Ray cluster has GPUs, else 0")
+    return p
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = build_serve_parser().parse_args(argv)
+    try:
+        from . import serve
+        from .webui import Limits
+    except ImportError as e:
+        print(f"altdiff serve: error: {e.name} is not installed (pip install 'altdiff[serve]')", file=sys.stderr)
+        return 2
+    try:
+        for name in ("port", "max_queue", "max_pixels", "max_steps", "max_batch_size", "max_n_iter", "replicas"):
+            if getattr(args, name) < (0 if name == "max_queue" else 1):
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'max_queue' else 1}, "
+                                 f"got {getattr(args, name)}")
+        config = serve.ServeConfig(
+            models=args.model, models_dir=args.models_dir, lora_dir=args.lora_dir,
+            embeddings_dir=args.embeddings_dir, outdir=args.outdir, device=args.device, dtype=args.dtype,
+            safety_checker=not args.no_safety_checker, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+            api_auth=args.api_auth, max_queue=args.max_queue,
+            limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
+                          max_n_iter=args.max_n_iter))
+        if args.ray:
+            serve.run_ray(config, args.host, args.port, args.replicas, args.num_gpus_per_replica)
+        else:
+            serve.run(config, args.host, args.port)
+    except (ValueError, TypeError) as e:
+        print(f"altdiff serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

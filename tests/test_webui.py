@@ -1,0 +1,87 @@
+"""altdiff.webui without a server: the webui's sampler names, seeds, grids and png-info parsing."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from altdiff import webui
+from altdiff.noise import randn_tensor
+
+OPTIONS = {"sd_model_checkpoint": "m9", "CLIP_stop_at_last_layers": 1}
+
+
+def task(**request):
+    return webui.parse_task({"width": 32, "height": 32, **request}, img2img=False, limits=webui.Limits(),
+                            options=OPTIONS, models=["m9"])
+
+
+@pytest.mark.parametrize("name, scheduler, expected", [
+    ("Euler a", None, ("euler_a", "Euler a", "Automatic")),
+    ("Euler a", "automatic", ("euler_a", "Euler a", "Automatic")),  # webuiapi's default spelling
+    ("k_euler_a", "Uniform", ("euler_a", "Euler a", "Uniform")),
+    ("Euler", "", ("euler", "Euler", "Automatic")),
+    ("LMS", None, ("lms", "LMS", "Automatic")),
+    ("DDIM", None, ("ddim", "DDIM", "Automatic")),
+    ("PLMS", None, ("pndm", "PLMS", "Automatic")),
+    # DPM++ 2M's own schedule in the webui is Karras; Uniform is the plain one.
+    ("DPM++ 2M", None, ("dpmpp_2m_karras", "DPM++ 2M", "Automatic")),
+    ("DPM++ 2M", "Karras", ("dpmpp_2m_karras", "DPM++ 2M", "Karras")),
+    ("DPM++ 2M", "uniform", ("dpmpp_2m", "DPM++ 2M", "Uniform")),
+    ("DPM++ 2M Karras", None, ("dpmpp_2m_karras", "DPM++ 2M", "Karras")),  # the pre-1.9 combined name
+    (None, None, ("euler", "Euler", "Automatic")),  # the API's sampler_index default
+])
+def test_webui_sampler_names_map_onto_altdiff_samplers(name, scheduler, expected):
+    assert webui.resolve_sampler(name, scheduler) == expected
+
+
+@pytest.mark.parametrize("name, scheduler, field", [
+    ("Heun", None, "sampler_name"), ("euler a", None, "sampler_name"), ("Euler a", "Karras", "scheduler"),
+    ("DDIM", "Karras", "scheduler"), ("Euler", "Exponential", "scheduler"), ("Euler", "nope", "scheduler"),
+])
+def test_unknown_samplers_and_schedules_name_the_field(name, scheduler, field):
+    with pytest.raises(webui.FieldError) as e:
+        webui.resolve_sampler(name, scheduler)
+    assert e.value.field == field
+
+
+def test_seeds_count_up_and_variations_keep_the_seed():
+    t = task(seed=7, batch_size=2, n_iter=2)
+    assert t.seeds == [7, 8, 9, 10] and t.subseed_strength == 0
+    t = task(seed=7, subseed=20, subseed_strength=0.25, batch_size=3)
+    assert t.seeds == [7, 7, 7] and t.subseeds == [20, 21, 22]
+    random = task(seed=-1, subseed=-1)
+    assert 0 <= random.seeds[0] < 2**32 and 0 <= random.subseeds[0] < 2**32
+
+
+def test_variation_latents_start_from_the_seed_noise_and_move_with_strength():
+    shape = (2, 4, 8, 8)
+    plain = torch.cat([randn_tensor((1, 4, 8, 8), torch.Generator().manual_seed(s)) for s in (3, 4)])
+    assert torch.equal(webui.variation_latents(shape, [3, 4], [9, 10], 0.0), plain)
+    half = webui.variation_latents(shape, [3, 4], [9, 10], 0.5)
+    full = webui.variation_latents(shape, [3, 4], [9, 10], 1.0)
+    sub = torch.cat([randn_tensor((1, 4, 8, 8), torch.Generator().manual_seed(s)) for s in (9, 10)])
+    assert torch.allclose(full, sub, atol=1e-5) and (half - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("n, rows, cols", [(2, 1, 2), (3, 2, 2), (4, 2, 2), (5, 2, 3), (6, 2, 3), (9, 3, 3)])
+def test_grid_layout_is_the_webuis_default(n, rows, cols):
+    images = [PIL.Image.new("RGB", (8, 6), (i * 20, 0, 0)) for i in range(n)]
+    grid = webui.image_grid(images, batch_size=n)
+    assert grid.size == (cols * 8, rows * 6)
+    arr = np.asarray(grid)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        expected = (i * 20, 0, 0) if i < n else (255, 255, 255)
+        assert tuple(arr[r * 6, c * 8]) == expected
+
+
+def test_png_info_parses_as_the_webui():
+    image = PIL.Image.new("RGB", (8, 8))
+    image.info["parameters"] = 'a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Size: 512x768, Model: "a, b"'
+    image.info["Software"] = "x"
+    info = webui.png_info(image)
+    assert info["items"] == {"Software": "x"}
+    assert info["parameters"] == {"Prompt": "a cat", "Negative prompt": "blurry", "Steps": "20",
+                                  "Sampler": "Euler a", "Size-1": "512", "Size-2": "768", "Model": "a, b",
+                                  "Clip skip": "1"}
