@@ -15,6 +15,7 @@ import binascii
 import gc
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -382,7 +383,8 @@ class Worker:
         """PNGs with infotext into --outdir, numbered on as the webui numbers them (NNNNN-seed.png)."""
         out = Path(self.config.outdir)
         out.mkdir(parents=True, exist_ok=True)
-        number = sum(1 for _ in out.glob("*.png"))
+        taken = [int(m[1]) for p in out.glob("*.png") if (m := re.match(r"(?:grid-)?(\d+)", p.name))]
+        number = max(taken, default=-1) + 1  # never replaces an earlier file
         for k, (image, text) in enumerate(zip(result.images, result.infotexts)):
             i = k - result.index_of_first_image
             save_png(image, out / (f"grid-{number:05}.png" if i < 0 else f"{number:05}-{task.seeds[i]}.png"), text)

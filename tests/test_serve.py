@@ -322,6 +322,10 @@ def test_every_bad_request_class_is_a_4xx_naming_the_field(server, serve_root):
     assert (sorted(out.iterdir()) if out.exists() else []) == before  # no file, not even a half-written one
     good = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**base, "save_images": False}, timeout=300)
     assert good.status_code == 200 and len(good.json()["images"]) == 1
+    wrapped = base64.encodebytes(base64.b64decode(PNG)).decode()  # base64 with line breaks, as some clients send
+    good = requests.post(f"{server.url}/sdapi/v1/img2img", json={**base, "save_images": False, "init_images": [
+        f"data:image/png;base64,{wrapped}"]}, timeout=300)
+    assert good.status_code == 200 and len(good.json()["images"]) == 1
 
 
 # --- running it for real ----------------------------------------------------------------------------------------
