@@ -236,7 +236,6 @@ def batch_main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-
 def build_serve_parser() -> argparse.ArgumentParser:
     from .webui import Limits
 
@@ -246,8 +245,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], help="hub repo id, diffusers folder or single file; "
                    "repeat for several (the first is loaded at start; default BAAI/AltDiffusion-m9)")
     p.add_argument("--models-dir", default=None, help="more models: diffusers folders and .safetensors/.ckpt files")
-    p.add_argument("--lora-dir", default=None, help="listed by /sdapi/v1/loras")
-    p.add_argument("--embeddings-dir", default=None, help="listed by /sdapi/v1/embeddings")
+    add_network_options(p)
     p.add_argument("--outdir", default=None, help="where requests with save_images write their PNGs")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)

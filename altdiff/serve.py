@@ -34,19 +34,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__, webui
-from .adapters import read_embedding
 from .checks import is_int
 from .config import ConfigError
 from .generate import generate
 from .images import encode_png, save_png
+from .lora import LORA_DIR_SUFFIXES
 from .pipeline import DEFAULT_MODEL, Pipeline, load
+from .textual_inversion import find_embeddings, read_embedding
 from .weights import WeightsError
 
 logger = logging.getLogger("altdiff")
 
 WEB = Path(__file__).parent / "web"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-ADAPTER_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 
 
 @dataclass
@@ -194,12 +194,6 @@ def find_models(sources: list[str], models_dir: str | None) -> list[ModelEntry]:
                  else ModelEntry(source, source, source))  # a hub repo id
         entries.setdefault(entry.title, entry)
     return list(entries.values())
-
-
-def _files(folder: str | None) -> list[Path]:
-    if folder is None or not Path(folder).is_dir():
-        return []
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in ADAPTER_SUFFIXES)
 
 
 # --- the worker ---------------------------------------------------------------------------------------------
@@ -362,19 +356,20 @@ class Worker:
                 pipe._interrupt = True
             return {}
 
-        images, nsfw = [], []
+        images, nsfw, networks = [], [], {}
         try:
             for b in range(task.n_iter):
                 if state.interrupted or job.cancelled:
                     break
                 state.job_no, state.sampling_step = b, 0
                 result = generate(**webui.generate_kwargs(task, pipe, b), callback_on_step_end=on_step)
+                networks = result.infotext
                 images += result.images
                 nsfw += result.nsfw_content_detected or [False] * len(result.images)
         finally:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
             state.job = ""
-        result = webui.finish(task, images, nsfw, title)
+        result = webui.finish(task, images, nsfw, title, networks)
         if task.request.get("save_images") and not job.cancelled:
             self.save(task, result)
         return result
@@ -464,6 +459,9 @@ async def _wait(worker: Worker, job: Job, request: Request) -> Any:
 def create_app(config: ServeConfig) -> FastAPI:
     """The FastAPI app with its own worker (started here: one per process, or per Ray Serve replica)."""
     credentials = _credentials(config.api_auth)
+    for flag, folder in (("--lora-dir", config.lora_dir), ("--embeddings-dir", config.embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{flag}: {folder} is not a folder")
     worker = Worker(config)
 
     @asynccontextmanager
@@ -498,7 +496,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         body = req.model_dump()
         models = {name: m.title for m in worker.models for name in (m.title, m.model_name)}
         task = await run_in_threadpool(webui.parse_task, body, img2img=img2img, limits=config.limits,
-                                       options=dict(worker.options), models=list(models))
+                                       options=dict(worker.options), models=list(models),
+                                       lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)
         if task.model is not None:
             task.model = models[task.model]
         if body["save_images"] and config.outdir is None:
@@ -585,7 +584,12 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/loras")
     async def loras():
-        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in _files(config.lora_dir)]
+        """The files `<lora:NAME:w>` tags find in --lora-dir (by file stem)."""
+        if config.lora_dir is None:
+            return []
+        files = sorted(p for p in Path(config.lora_dir).rglob("*")
+                       if p.suffix.lower() in LORA_DIR_SUFFIXES and p.is_file())
+        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in files]
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
@@ -593,13 +597,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         pipe = worker.pipe
         width = pipe.text_encoder.config.hidden_size if pipe is not None else None
         found = {"loaded": {}, "skipped": {}}
-        for p in _files(config.embeddings_dir):
+        files = find_embeddings(config.embeddings_dir) if config.embeddings_dir is not None else {}
+        for stem, p in files.items():
             try:
-                _, vectors = await run_in_threadpool(read_embedding, p, p.stem)
+                _, vectors = await run_in_threadpool(read_embedding, p, stem)
             except (ValueError, WeightsError):
                 continue
             kind = "loaded" if width in (None, vectors.shape[-1]) else "skipped"
-            found[kind][p.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+            found[kind][stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                    "shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
         return found
 

@@ -56,6 +56,7 @@ INERT = {
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
     "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""), "infotext": (None, ""),
     "mask": (None, ""), "latent_mask": (None, ""), "initial_noise_multiplier": (None, 1), "resize_mode": (0,),
+    "disable_extra_networks": (False, None),
 }
 OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
 MAX_SEED = 2**63 - 1
@@ -104,6 +105,8 @@ class Task:
     model: str | None  # override_settings' sd_model_checkpoint; None: the server's current model
     init_image: PIL.Image.Image | None = None
     denoising_strength: float | None = None
+    lora_dir: str | None = None  # where the prompt's <lora:NAME:w> tags are found
+    embeddings_dir: str | None = None  # embeddings a prompt names by file stem
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
     @property
@@ -219,9 +222,10 @@ def _check_number(request: dict, name: str, low: float, high: float, default: fl
     return float(value)
 
 
-def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, models: list[str]) -> Task:
+def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, models: list[str],
+               lora_dir: str | None = None, embeddings_dir: str | None = None) -> Task:
     """A checked Task from a txt2img (or img2img) request; `options` are the server's current webui options,
-    `models` the titles a request may name."""
+    `models` the names a request may use for a model, `lora_dir` / `embeddings_dir` the server's folders."""
     _check_inert(request)
     for name in ("prompt", "negative_prompt"):
         if not isinstance(request.get(name) or "", str):
@@ -290,7 +294,8 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
                 subseeds=[subseed + i for i in range(total)], subseed_strength=subseed_strength,
                 batch_size=batch_size, n_iter=n_iter, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
                 sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=0.0 if eta is None or sampler != "ddim" else eta,
-                clip_skip=int(clip_skip), model=model, init_image=init_image, denoising_strength=strength)
+                clip_skip=int(clip_skip), model=model, init_image=init_image, denoising_strength=strength,
+                lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
 
 # --- generation ----------------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def generate_kwargs(task: Task, pipe, b: int) -> dict[str, Any]:
     kwargs = dict(prompt=task.prompt, model=pipe, negative_prompt=task.negative_prompt,
                   num_inference_steps=task.steps, guidance_scale=task.cfg_scale, sampler=task.sampler,
                   num_images_per_prompt=task.batch_size, eta=task.eta, clip_skip=clip_skip_for(pipe, task.clip_skip),
-                  a1111_prompts=True, progress=False)
+                  a1111_prompts=True, lora_dir=task.lora_dir, embeddings_dir=task.embeddings_dir, progress=False)
     if task.init_image is not None:
         return dict(kwargs, image=task.init_image, strength=task.denoising_strength, seed=task.seeds[part])
     kwargs.update(height=task.height, width=task.width)
@@ -363,23 +368,27 @@ class Result:
     index_of_first_image: int = 0
 
 
-def infotext(task: Task, image: PIL.Image.Image, i: int, model: str, nsfw: bool = False) -> str:
+def infotext(task: Task, image: PIL.Image.Image, i: int, model: str, nsfw: bool = False,
+             networks: dict[str, str] | None = None) -> str:
+    """Image i's infotext: the CLI's, with the webui's fields for variation seeds, a schedule type, clip skip
+    and the networks the prompt named (GenerationResult.infotext's "Lora hashes", "TI hashes")."""
     extra = {"Variation seed": task.subseeds[i] if task.subseed_strength else None,
              "Variation seed strength": task.subseed_strength or None,
              "Schedule type": None if task.scheduler == "Automatic" else task.scheduler,
-             "Clip skip": task.clip_skip if task.clip_skip > 1 else None}
+             "Clip skip": task.clip_skip if task.clip_skip > 1 else None, **(networks or {})}
     return image_infotext(image, task.prompt, task.negative_prompt, steps=task.steps, sampler=task.sampler,
                           cfg_scale=task.cfg_scale, seed=task.seeds[i], model=model,
                           strength=task.denoising_strength, nsfw=nsfw, extra=extra)
 
 
-def finish(task: Task, images: list[PIL.Image.Image], nsfw: list[bool], model: str) -> Result:
+def finish(task: Task, images: list[PIL.Image.Image], nsfw: list[bool], model: str,
+           networks: dict[str, str] | None = None) -> Result:
     """Infotexts, the grid and the `info` JSON for the images made (fewer than planned when interrupted)."""
-    texts = [infotext(task, img, i, model, flag) for i, (img, flag) in enumerate(zip(images, nsfw))]
+    texts = [infotext(task, img, i, model, flag, networks) for i, (img, flag) in enumerate(zip(images, nsfw))]
     first = 0
     if task.grid and len(images) > 1:
         images = [image_grid(images, task.batch_size), *images]
-        texts = [infotext(task, images[1], 0, model), *texts]
+        texts = [infotext(task, images[1], 0, model, networks=networks), *texts]
         first = 1
     n = len(task.seeds)
     r = task.request

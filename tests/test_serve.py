@@ -24,6 +24,7 @@ import pytest
 import requests
 import torch
 from serving import Server, decode, free_port, pixels
+from test_prompt_networks import kohya_lora
 
 import altdiff
 from altdiff import cli
@@ -39,12 +40,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def serve_root(tmp_path_factory, m9_folder):
+def pipe(m9_folder):
+    return altdiff.load(m9_folder, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def serve_root(tmp_path_factory, m9_folder, pipe):
     root = tmp_path_factory.mktemp("serve")
     (root / "models").mkdir()
     (root / "models" / "m9-copy").symlink_to(m9_folder, target_is_directory=True)
     (root / "loras").mkdir()
-    (root / "loras" / "detail.safetensors").write_bytes(b"listed, not read")
+    kohya_lora(pipe, root / "loras" / "detail.safetensors", seed=1)
     (root / "embeddings").mkdir()
     torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "style"}, root / "embeddings" / "style.pt")
     torch.save({"string_to_param": {"*": torch.randn(1, 768)}, "name": "wide"}, root / "embeddings" / "wide.pt")
@@ -63,11 +69,6 @@ def server(serve_root, m9_folder):
 @pytest.fixture(scope="session")
 def api(server):
     return webuiapi.WebUIApi(port=server.port)
-
-
-@pytest.fixture(scope="session")
-def pipe(m9_folder):
-    return altdiff.load(m9_folder, device="cpu")
 
 
 def make(pipe, prompt=PROMPT, **kwargs):
@@ -162,6 +163,20 @@ def test_variation_seeds_slerp_the_two_noises_as_the_webui(api, pipe):
     assert np.array_equal(pixels(plain), pixels(make(pipe, num_inference_steps=STEPS, width=32, height=32,
                                                      sampler="euler", seed=[9], negative_prompt="")[0]))
     assert level_diff(plain, r.images[0]) > 10
+
+
+def test_lora_tags_and_embeddings_in_prompts_apply_as_in_generate(api, pipe, serve_root):
+    kwargs = dict(seed=8, steps=STEPS, width=32, height=32, sampler_name="Euler")
+    prompt = "a cat, style <lora:detail:0.8>"
+    r = api.txt2img(prompt=prompt, **kwargs)
+    expected = make(pipe, prompt, num_inference_steps=STEPS, width=32, height=32, sampler="euler", seed=[8],
+                    negative_prompt="", lora_dir=serve_root / "loras", embeddings_dir=serve_root / "embeddings")
+    assert np.array_equal(pixels(r.image), pixels(expected[0]))
+    plain = api.txt2img(prompt="a cat, style", **kwargs).image
+    assert level_diff(plain, r.image) > 10  # the tag did something
+    params = parse_infotext(r.image.info["parameters"])[2]
+    assert params["Lora hashes"].startswith("detail: ") and params["TI hashes"].startswith("style: ")
+    assert parse_infotext(r.image.info["parameters"])[0] == prompt  # the prompt as given, tags included
 
 
 def test_grid_and_save_images(api, server, serve_root):
@@ -283,6 +298,8 @@ BAD = [
     ("txt2img", {"controlnet_units": []}, "controlnet_units"), ("txt2img", {"s_churn": 0.5}, "s_churn"),
     ("txt2img", {"seed_resize_from_w": 64}, "seed_resize_from_w"),
     ("txt2img", {"firstphase_width": 64}, "firstphase_width"), ("txt2img", {"infotext": "a\nSteps: 2"}, "infotext"),
+    ("txt2img", {"disable_extra_networks": True}, "disable_extra_networks"),
+    ("txt2img", {"prompt": "a cat <lora:missing:1>"}, "missing"),  # generate() refuses: a 422 all the same
     ("img2img", {}, "init_images"), ("img2img", {"init_images": [PNG, PNG]}, "init_images"),
     ("img2img", {"init_images": ["not base64!"]}, "init_images"),
     ("img2img", {"init_images": [base64.b64encode(b"not an image").decode()]}, "init_images"),
@@ -486,7 +503,8 @@ def test_cli_serve_refuses_bad_arguments(tmp_path, capsys):
     for argv, message in ((["--max-queue", "-1"], "--max-queue"), (["--replicas", "0"], "--replicas"),
                           (["--api-auth", "nocolon"], "--api-auth"), (["--model", str(tmp_path)], "--model"),
                           (["--models-dir", str(tmp_path)], "--models-dir"),
-                          (["--models-dir", str(tmp_path / "missing")], "--models-dir")):
+                          (["--models-dir", str(tmp_path / "missing")], "--models-dir"),
+                          (["--lora-dir", str(tmp_path / "missing")], "--lora-dir")):
         assert cli.main(["serve", "--device", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
 
