@@ -33,8 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__, webui
-from .checks import is_int
+from . import __version__, checks, webui
 from .config import ConfigError
 from .generate import generate
 from .images import encode_png, save_png
@@ -462,6 +461,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     for flag, folder in (("--lora-dir", config.lora_dir), ("--embeddings-dir", config.embeddings_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{flag}: {folder} is not a folder")
+    if config.outdir is not None:
+        checks.writable("--outdir", config.outdir)
     worker = Worker(config)
 
     @asynccontextmanager
@@ -554,7 +555,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if model is not None and model not in names:
             raise webui.FieldError("sd_model_checkpoint", f"unknown model {model!r}; expected one of "
                                    f"{[m.title for m in worker.models]}")
-        if "CLIP_stop_at_last_layers" in options and not is_int(options["CLIP_stop_at_last_layers"], 1, 12):
+        if "CLIP_stop_at_last_layers" in options and not checks.is_int(options["CLIP_stop_at_last_layers"], 1, 12):
             raise webui.FieldError("CLIP_stop_at_last_layers", "expected an int in [1, 12]")
         if options.get("samples_format", "png") != "png":
             raise webui.FieldError("samples_format", "altdiff writes png only")

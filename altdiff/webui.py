@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 
 from . import __version__
-from .checks import is_int, is_number
+from .checks import SEED_MAX, is_int, is_number
 from .images import image_infotext, parse_infotext, to_rgb
 from .noise import randn_tensor
 
@@ -59,7 +59,6 @@ INERT = {
     "disable_extra_networks": (False, None),
 }
 OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
-MAX_SEED = 2**63 - 1
 
 
 class FieldError(ValueError):
@@ -257,8 +256,9 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     batch_size = _check_int(request, "batch_size", 1, limits.max_batch_size, 1)
     n_iter = _check_int(request, "n_iter", 1, limits.max_n_iter, 1)
     cfg_scale = _check_number(request, "cfg_scale", 0.0, 100.0, 7.0)
-    seed = _check_int(request, "seed", -1, MAX_SEED - batch_size * n_iter, -1)
-    subseed = _check_int(request, "subseed", -1, MAX_SEED - batch_size * n_iter, -1)
+    # seed + i of every image must be a seed torch takes (checks.SEED_MAX); -1 picks one.
+    seed = _check_int(request, "seed", -1, SEED_MAX - batch_size * n_iter + 1, -1)
+    subseed = _check_int(request, "subseed", -1, SEED_MAX - batch_size * n_iter + 1, -1)
     subseed_strength = _check_number(request, "subseed_strength", 0.0, 1.0, 0.0)
     if subseed_strength > 0 and img2img:
         raise FieldError("subseed_strength", "variation seeds are supported for txt2img only")

@@ -281,7 +281,8 @@ BAD = [
     ("txt2img", {"steps": 0}, "steps"), ("txt2img", {"steps": 151}, "steps"),
     ("txt2img", {"width": 2048, "height": 2048}, "width"), ("txt2img", {"batch_size": 9}, "batch_size"),
     ("txt2img", {"n_iter": 17}, "n_iter"), ("txt2img", {"cfg_scale": -1}, "cfg_scale"),
-    ("txt2img", {"seed": -2}, "seed"), ("txt2img", {"subseed_strength": 1.5}, "subseed_strength"),
+    ("txt2img", {"seed": -2}, "seed"), ("txt2img", {"seed": 2**64 - 1, "batch_size": 2}, "seed"),
+    ("txt2img", {"subseed_strength": 1.5}, "subseed_strength"),
     ("txt2img", {"sampler_name": "Heun"}, "sampler_name"),
     ("txt2img", {"sampler_name": None, "sampler_index": "nope"}, "sampler_index"),
     ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
@@ -500,11 +501,13 @@ def test_cli_serve_basic_auth_on_every_route_and_loopback_only(m9_folder):
 
 def test_cli_serve_refuses_bad_arguments(tmp_path, capsys):
     assert cli.build_serve_parser().parse_args([]).host == "127.0.0.1"
+    (tmp_path / "file.txt").write_text("not a folder")
     for argv, message in ((["--max-queue", "-1"], "--max-queue"), (["--replicas", "0"], "--replicas"),
                           (["--api-auth", "nocolon"], "--api-auth"), (["--model", str(tmp_path)], "--model"),
                           (["--models-dir", str(tmp_path)], "--models-dir"),
                           (["--models-dir", str(tmp_path / "missing")], "--models-dir"),
-                          (["--lora-dir", str(tmp_path / "missing")], "--lora-dir")):
+                          (["--lora-dir", str(tmp_path / "missing")], "--lora-dir"),
+                          (["--outdir", str(tmp_path / "file.txt" / "out")], "--outdir")):
         assert cli.main(["serve", "--device", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
 
