@@ -156,11 +156,11 @@ class Runner:
 
     def __init__(self, out: str | Path, device: str | None = None, dtype: str | None = None,
                  safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True,
-                 lora_dir: str | None = None, embeddings_dir: str | None = None):
+                 offload: str | None = None, lora_dir: str | None = None, embeddings_dir: str | None = None):
         self.out = Path(out)
         self.networks = {"lora_dir": lora_dir, "embeddings_dir": embeddings_dir}
         self.load_kwargs = {"device": device, "dtype": dtype, "safety_checker": safety_checker,
-                            "compile": compile, "cuda_graphs": cuda_graphs}
+                            "compile": compile, "cuda_graphs": cuda_graphs, "offload": offload}
         self.pipes: dict[str, Pipeline] = {}
 
     def pipe(self, source: str | None) -> Pipeline:
@@ -265,8 +265,9 @@ def _write_manifest(path: Path, entries: list[dict]) -> None:
 
 def run(requests_file: str | Path, out: str | Path, *, model: str | None = None, device: str | None = None,
         dtype: str | None = None, safety_checker: bool = True, compile: bool = False, cuda_graphs: bool = True,
-        batch_size: int = 1, use_ray: bool = False, concurrency: int = 1, num_gpus_per_worker: float | None = None,
-        verbose: bool = False, lora_dir: str | None = None, embeddings_dir: str | None = None) -> list[dict]:
+        offload: str | None = None, batch_size: int = 1, use_ray: bool = False, concurrency: int = 1,
+        num_gpus_per_worker: float | None = None, verbose: bool = False, lora_dir: str | None = None,
+        embeddings_dir: str | None = None) -> list[dict]:
     """Run every unfinished request of `requests_file` into `out`; returns the manifest entries (one per
     distinct request, in file order). `<lora:NAME:w>` tags of requests with a1111_prompts are found in
     `lora_dir`; embeddings in `embeddings_dir` apply where a prompt names them. With `use_ray`,
@@ -300,7 +301,8 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
     old = _read_manifest(manifest)
     done, jobs = plan(requests, out, batch_size)
     runner_kwargs = {"out": str(out.resolve()), "device": device, "dtype": dtype_name,
-                     "safety_checker": safety_checker, "compile": compile, "cuda_graphs": cuda_graphs, **folders}
+                     "safety_checker": safety_checker, "compile": compile, "cuda_graphs": cuda_graphs,
+                     "offload": offload, **folders}
     if not jobs:
         results: Iterator[dict] = iter(())
     elif use_ray:

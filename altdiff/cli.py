@@ -13,8 +13,8 @@ from .images import SAMPLER_LABELS, image_infotext, open_image, save_png
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --no-safety-checker, --compile, --no-cuda-graphs: how a model is loaded, for
-    `altdiff` and `altdiff batch`."""
+    """--device, --dtype, --no-safety-checker, --compile, --no-cuda-graphs, --medvram / --lowvram (`offload`):
+    how a model is loaded, for `altdiff` and `altdiff batch`."""
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
     p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
@@ -22,6 +22,11 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the UNet: about a minute per image size, then faster steps")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the UNet eagerly on CUDA instead of replaying a recorded CUDA graph per image size")
+    vram = p.add_mutually_exclusive_group()
+    vram.add_argument("--medvram", dest="offload", action="store_const", const="model",
+                      help="keep each model in CPU memory until its turn (GPUs with ~4-6 GB; a little slower)")
+    vram.add_argument("--lowvram", dest="offload", action="store_const", const="sequential",
+                      help="bring each layer to the GPU only for its own call (under ~3 GB; much slower)")
 
 
 def add_network_options(p: argparse.ArgumentParser) -> None:
@@ -144,7 +149,7 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
 
     model = args.model or DEFAULT_MODEL
     pipe = load(model, device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
-                compile=args.compile, cuda_graphs=not args.no_cuda_graphs)
+                compile=args.compile, cuda_graphs=not args.no_cuda_graphs, offload=args.offload)
     extra = _load_networks(pipe, args)
     sampler = args.sampler or sampler_for_config(pipe.scheduler_config)
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
@@ -221,8 +226,8 @@ def batch_main(argv: list[str] | None = None) -> int:
     try:
         entries = batch.run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
                             safety_checker=not args.no_safety_checker, compile=args.compile,
-                            cuda_graphs=not args.no_cuda_graphs, batch_size=args.batch_size, use_ray=args.ray,
-                            concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
+                            cuda_graphs=not args.no_cuda_graphs, offload=args.offload, batch_size=args.batch_size,
+                            use_ray=args.ray, concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
                             verbose=not args.quiet, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     except (ValueError, TypeError) as e:
         print(f"altdiff batch: error: {e}", file=sys.stderr)
@@ -282,7 +287,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             models=args.model, models_dir=args.models_dir, lora_dir=args.lora_dir,
             embeddings_dir=args.embeddings_dir, outdir=args.outdir, device=args.device, dtype=args.dtype,
             safety_checker=not args.no_safety_checker, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
-            api_auth=args.api_auth, max_queue=args.max_queue,
+            offload=args.offload, api_auth=args.api_auth, max_queue=args.max_queue,
             limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
                           max_n_iter=args.max_n_iter))
         if args.ray:

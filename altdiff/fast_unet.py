@@ -10,6 +10,10 @@ attention-slicing settings it was built with: `Pipeline.unet_runner()` compares 
 each generation and rebuilds when anything moved (a `.to()`, `fuse_lora`, `enable_freeu`). Unfused LoRA
 adapters act through forward hooks that read run-time scales, so while any is active the plain UNet runs
 instead.
+
+`compile=True` also compiles the text encoder's transformer, the VAE decoder and the safety checker's vision
+tower (`CompiledForward`, installed on those modules so every caller gets it). They are called once or twice
+per image, so they are compiled without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 from . import attention
 from .unet import UNet
@@ -24,26 +29,42 @@ from .unet import UNet
 MAX_GRAPHS = 4  # input shapes kept recorded; each holds its activations (~130 MB at 512² fp16, batch 2)
 
 
-def _frozen(compiled):
-    """Compile (and recompile) with inductor freezing: weights become constants, prepacked for oneDNN (CPU
-    UNet step 1.4x; without it the compiled UNet is slower than eager). It is an inductor config read at
-    compile time, so it must be set around the calls; `torch.compile(options=...)` did not apply it."""
-    def run(*args):
+def compiled(forward, device: torch.device):
+    """`torch.compile` of a module's bound forward for `device`, one specialisation per input shape; the
+    module's own hooks stay outside the compiled code. On the CPU with inductor freezing: weights become
+    constants, prepacked for oneDNN (CPU UNet step 1.4x; without it the compiled UNet is slower than eager).
+    Freezing is an inductor config read at compile time, so it is set around the calls
+    (`torch.compile(options=...)` did not apply it). Dynamo keeps compiled code per code object across
+    torch.compile calls, and a frozen one holds the weights it saw: it is dropped first, or a rebuild after
+    an in-place weight change (fuse_lora) would reuse the old weights. fullgraph: no graph break, so no
+    resumed-frame code that the reset would miss."""
+    fn = torch.compile(forward, dynamic=False, fullgraph=True)
+    if device.type != "cpu":
+        return fn
+    torch._dynamo.reset_code(forward.__code__)
+
+    def frozen(*args, **kwargs):
         with torch._inductor.config.patch(freezing=True):
-            return compiled(*args)
-    return run
+            return fn(*args, **kwargs)
+    return frozen
 
 
 class CaptureError(RuntimeError):
     """The UNet could not be recorded as a CUDA graph."""
 
 
-def state_key(unet: UNet) -> tuple:
-    """What a recorded or compiled UNet depends on: each parameter's storage and in-place version, FreeU
-    and attention slicing."""
-    params = tuple((p.data_ptr(), p._version, p.dtype) for p in unet.parameters())
-    freeu = tuple(sorted(unet.freeu.items())) if unet.freeu else None
-    return params, freeu, attention._slice_size
+def state_key(module: nn.Module) -> tuple:
+    """What a recorded or compiled module depends on: each parameter's storage and in-place version, FreeU
+    (the UNet's) and attention slicing."""
+    params = tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+    freeu = getattr(module, "freeu", None)
+    return params, tuple(sorted(freeu.items())) if freeu else None, attention._slice_size
+
+
+def _warn_fallback(what: str, e: Exception) -> None:
+    # A missing C++/CUDA toolchain or an op that cannot be compiled or captured must not cost the user the image.
+    warnings.warn(f"{what}: {type(e).__name__}: {str(e)[:500]}; running the plain {what.split()[-1]}",
+                  RuntimeWarning, stacklevel=3)
 
 
 class FastUNet:
@@ -54,12 +75,8 @@ class FastUNet:
     def __init__(self, unet: UNet, compile: bool, cuda_graphs: bool):
         self.unet, self.compile, self.cuda_graphs = unet, compile, cuda_graphs
         self.key = state_key(unet)
-        self.fn = unet
-        if compile:
-            # dynamic=False: every latent size gets its own specialised code, as CUDA graphs need anyway.
-            self.fn = torch.compile(unet, dynamic=False)
-            if unet.device.type == "cpu":
-                self.fn = _frozen(self.fn)
+        # Compiled: every latent size gets its own specialised code, as CUDA graphs need anyway.
+        self.fn = compiled(unet.forward, unet.device) if compile else unet
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.failed = False
 
@@ -84,9 +101,7 @@ class FastUNet:
                     del self.graphs[next(iter(self.graphs))]  # the oldest shape; frees its memory pool
                 self.graphs[key] = self._capture(inputs)
         except (torch._dynamo.exc.TorchDynamoException, CaptureError) as e:
-            # A missing C++/CUDA toolchain or an op that cannot be captured must not cost the user the image.
-            warnings.warn(f"fast UNet: {type(e).__name__}: {str(e)[:500]}; running the plain UNet",
-                          RuntimeWarning, stacklevel=2)
+            _warn_fallback("fast UNet", e)
             self.failed = True
             self.graphs.clear()
             return self.unet(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
@@ -116,3 +131,38 @@ class FastUNet:
         except RuntimeError as e:
             raise CaptureError(str(e)) from e
         return graph, static_inputs, static_out
+
+
+class CompiledForward:
+    """Set as `module.forward` (on the instance: every caller gets it) by `set_compiled`. Rebuilt when what
+    `state_key` covers changes; eager while hooks act inside the module (unfused LoRA, sequential offload),
+    which compiled code would not run."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.eager = type(module).forward.__get__(module)
+        self.key, self.fn, self.failed = None, None, False
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if self.failed or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module):
+            return self.eager(*args, **kwargs)
+        key = state_key(module)
+        if key != self.key:
+            self.fn, self.key = compiled(self.eager, next(module.parameters()).device), key
+        try:
+            return self.fn(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            _warn_fallback(f"compiled {type(module).__name__}", e)
+            self.failed = True
+            return self.eager(*args, **kwargs)
+
+
+def set_compiled(modules: list[nn.Module], on: bool) -> None:
+    """Install (`on`) or remove the compiled forward of each module."""
+    for module in modules:
+        installed = isinstance(module.__dict__.get("forward"), CompiledForward)
+        if on and not installed:
+            module.forward = CompiledForward(module)
+        elif not on and installed:
+            del module.forward

@@ -422,7 +422,8 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         steps = min(int(num_inference_steps * strength), num_inference_steps)
 
     with pipe.lock, prompt_networks(pipe, prompt, negative_prompt, a1111_prompts=a1111_prompts, lora_dir=lora_dir,
-                                    embeddings_dir=embeddings_dir) as networks, torch.inference_mode():
+                                    embeddings_dir=embeddings_dir) as networks, torch.inference_mode(), \
+            pipe.running():
         pipe._interrupt = False
         embeds, do_cfg = _encode(pipe, networks.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, guidance_scale, cross_attention_kwargs, clip_skip,

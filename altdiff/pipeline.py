@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +15,11 @@ from . import lora as lora_adapters
 from . import textual_inversion
 from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (DTYPES: weights_convert imports it here)
 from .config import ModelIndex, SchedulerConfig
-from .fast_unet import FastUNet, state_key
+from .fast_unet import FastUNet, set_compiled, state_key
 from .hub import resolve
-from .safety import SafetyChecker, load_safety_checker
+from .offload import MODES, Offload, execution_device, released
+from .offload import enable as enable_offload
+from .safety import SafetyChecker, safety_checker_reader
 from .single_file import is_single_file, load_single_file
 from .text_encoder import TextEncoder, load_text_encoder
 from .tokenizer import Tokenizer
@@ -22,6 +27,34 @@ from .unet import UNet, load_unet
 from .vae import AutoencoderKL, load_vae
 
 DEFAULT_MODEL = "BAAI/AltDiffusion-m9"
+
+
+class Later:
+    """A component `load()` reads on first use: `Later(read)` given as a Pipeline field; `read(device, dtype)`
+    runs on the first access of the attribute, with the pipeline's device and dtype at that time."""
+
+    def __init__(self, read: Callable[[torch.device, torch.dtype], object]):
+        self.read = read
+
+
+class _ReadOnFirstUse:
+    """The descriptor behind a field that may hold a `Later` (set on the class after @dataclass, so the
+    field keeps its plain default and stays out of repr, which would otherwise read it)."""
+
+    def __init__(self, name: str):
+        self.name = "_" + name
+
+    def __get__(self, pipe, owner=None):
+        if pipe is None:
+            return self
+        value = pipe.__dict__[self.name]
+        if isinstance(value, Later):
+            with torch.inference_mode(False):  # read inside generate(): still ordinary, editable tensors
+                value = pipe.__dict__[self.name] = value.read(pipe._storage_device, pipe.dtype)
+        return value
+
+    def __set__(self, pipe, value) -> None:
+        pipe.__dict__[self.name] = value
 
 
 @dataclass(eq=False)
@@ -33,7 +66,8 @@ class Pipeline:
     unet: UNet
     vae: AutoencoderKL
     scheduler_config: SchedulerConfig
-    safety_checker: SafetyChecker | None = None
+    # Read from disk on first use when load() gave a `Later` (it is needed only once an image is decoded).
+    safety_checker: SafetyChecker | None = field(default=None, repr=False)
     source: str = ""
     # One generate() at a time per Pipeline: the modules and their switches are shared state.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -47,9 +81,16 @@ class Pipeline:
     # diffusers' convention: a callback_on_step_end sets `pipe._interrupt = True` to end sampling after the
     # current step; generate() then decodes the latents it has. Cleared when generate() starts.
     _interrupt: bool = field(default=False, repr=False)
+    # enable_model_cpu_offload / enable_sequential_cpu_offload (altdiff.offload).
+    offload: Offload | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
+        """Where the pipeline computes (under offload: the GPU, while the weights rest on the CPU)."""
+        return self.offload.device if self.offload is not None else self._storage_device
+
+    @property
+    def _storage_device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     @property
@@ -61,13 +102,50 @@ class Pipeline:
         return self.vae.config.scale_factor
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Pipeline:
-        device = parse_device(device) if device is not None else self.device
-        dtype = parse_dtype(dtype, device) if dtype is not None else self.dtype
-        for module in (self.text_encoder, self.unet, self.vae):
-            module.to(device=device, dtype=dtype)
-        if self.safety_checker is not None:
-            self.safety_checker.to(device=device, dtype=dtype)
+        """Move and/or cast every component. Under offload only `dtype` may change (the weights stay on the
+        CPU); call `remove_all_hooks()` first to move them."""
+        if self.offload is not None and device is not None:
+            raise ValueError(f"device: the pipeline offloads to {self.offload.device}; call remove_all_hooks() "
+                             "before moving it")
+        device = parse_device(device) if device is not None else self._storage_device
+        dtype = parse_dtype(dtype, self.device) if dtype is not None else self.dtype
+        if self.offload is not None:
+            self.offload.release()
+        for module in (self.text_encoder, self.unet, self.vae, self.__dict__["_safety_checker"]):
+            if isinstance(module, torch.nn.Module):  # a Later is read onto the device and dtype of that time
+                module.to(device=device, dtype=dtype)
         return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        """Keep each component in CPU memory until its turn (text encoder, UNet for the whole loop, VAE,
+        safety checker), as diffusers does (the webui's --medvram): the GPU holds one component at a time.
+        Same images; CUDA graphs and compile=True stay on (the UNet is recorded again each generation)."""
+        enable_offload(self, "model", execution_device(device, gpu_id, "enable_model_cpu_offload"))
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
+                                      device: str | torch.device | None = None) -> None:
+        """Bring each module's weights to the GPU only for its own call (the webui's --lowvram): lowest
+        memory, slowest. Same images; the UNet runs without CUDA graphs or compilation."""
+        enable_offload(self, "sequential", execution_device(device, gpu_id, "enable_sequential_cpu_offload"))
+
+    def remove_all_hooks(self) -> None:
+        """Turn offload off; every component stays on the CPU (move the pipeline with `to()`)."""
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around one generation (generate() holds the lock): the compiled forwards follow `compile`, and
+        under offload every component goes back to the CPU afterwards."""
+        checker = self.__dict__.get("_safety_checker")
+        if self.compile:
+            checker = self.safety_checker  # compile it for the first image too
+        regions = [self.text_encoder.roberta, self.vae.decoder]
+        set_compiled(regions + ([checker.vision_model] if isinstance(checker, SafetyChecker) else []),
+                     self.compile)
+        with released(self):
+            yield
 
     def unet_runner(self):
         """What generate() calls each step: the plain UNet, or a FastUNet (CUDA graphs on CUDA, torch.compile
@@ -76,8 +154,11 @@ class Pipeline:
         lora = self.lora
         graphs = self.cuda_graphs and self.device.type == "cuda"
         lora_hooks = lora is not None and lora.enabled and set(lora.weights) - lora.fused
-        if not (self.compile or graphs) or lora_hooks:
-            return self.unet
+        sequential = self.offload is not None and self.offload.mode == "sequential"
+        if not (self.compile or graphs) or lora_hooks or sequential:
+            return self.unet  # sequential offload: every module call copies weights, nothing to record
+        if self.offload is not None:
+            self.offload.load_unet()
         fast = self._fast_unet
         wanted = (state_key(self.unet), self.compile, graphs)
         if fast is None or (fast.key, fast.compile, fast.cuda_graphs) != wanted:
@@ -97,9 +178,10 @@ class Pipeline:
         """diffusers' signature and return: (prompt_embeds, negative_prompt_embeds)."""
         from .generate import encode_prompt
 
-        return encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                             negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
-                             a1111_prompts=a1111_prompts)
+        with self.running():
+            return encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                 negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
+                                 a1111_prompts=a1111_prompts)
 
     @staticmethod
     def get_guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512,
@@ -165,6 +247,9 @@ class Pipeline:
         return textual_inversion.load_textual_inversion(self, path, token)
 
 
+Pipeline.safety_checker = _ReadOnFirstUse("safety_checker")
+
+
 def _pipeline_scheduler_config(config: SchedulerConfig) -> SchedulerConfig:
     """The scheduler config as diffusers' AltDiffusion pipelines fix it up at construction: steps_offset 1
     and no x0 clipping (outdated hub configs lack both; DDIM would otherwise default to clip_sample=True)."""
@@ -176,25 +261,43 @@ def _pipeline_scheduler_config(config: SchedulerConfig) -> SchedulerConfig:
 def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, variant: str | None = None,
          safety_checker: bool | str | Path | None = True, tokenizer: str | Path | None = None,
-         config: dict | None = None, compile: bool = False, cuda_graphs: bool = True) -> Pipeline:
+         config: dict | None = None, compile: bool = False, cuda_graphs: bool = True,
+         offload: str | None = None) -> Pipeline:
     """Load a pipeline from a hub repo id, a diffusers-layout folder or an original single file
     (.safetensors/.ckpt). `device` defaults to CUDA when present, `dtype` to fp16 on CUDA and fp32 on CPU;
-    `safety_checker=None`/False skips the checker. For a single file, `tokenizer` and `safety_checker` (a
-    folder or hub repo id) fill what the file lacks (default: the BAAI repo of the detected m9/m18) and
-    `config` sets what its shapes cannot tell (see `altdiff.single_file.Options`). On CUDA the UNet is
-    recorded as a CUDA graph per image size and replayed (same results, faster; `cuda_graphs=False` turns it
-    off); `compile=True` also runs it through torch.compile: about a minute per image size, then faster
-    steps (see altdiff.fast_unet)."""
+    `safety_checker=None`/False skips the checker (otherwise a folder's checker is read on first use). For
+    a single file, `tokenizer` and `safety_checker` (a folder or hub repo id) fill what the file lacks
+    (default: the BAAI repo of the detected m9/m18) and `config` sets what its shapes cannot tell (see
+    `altdiff.single_file.Options`). On CUDA the UNet is recorded as a CUDA graph per image size and replayed
+    (same results, faster; `cuda_graphs=False` turns it off); `compile=True` also runs it, the text encoder,
+    VAE decoder and safety checker through torch.compile: about a minute per image size, then faster steps
+    (see altdiff.fast_unet). `offload="model"` / `"sequential"` reads the weights into CPU memory and runs
+    on the GPU `device` under `enable_model_cpu_offload()` / `enable_sequential_cpu_offload()`."""
     for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {value!r}")
-    device = parse_device(device)
-    dtype = parse_dtype(dtype, device)
+    if offload is None:
+        device = parse_device(device)
+        dtype = parse_dtype(dtype, device)
+    elif offload in MODES:
+        run_on = execution_device(device, None, "offload")
+        dtype, device = parse_dtype(dtype, run_on), torch.device("cpu")
+    else:
+        raise ValueError(f"offload: expected None, 'model' or 'sequential', got {offload!r}")
+    pipe = _load(source, device, dtype, variant, safety_checker, tokenizer, config)
+    pipe.compile, pipe.cuda_graphs = compile, cuda_graphs
+    if offload is not None:
+        enable_offload(pipe, offload, run_on)
+    return pipe
+
+
+def _load(source, device: torch.device, dtype: torch.dtype, variant, safety_checker, tokenizer,
+          config) -> Pipeline:
     if is_single_file(source):
         parts = load_single_file(source, dtype=dtype, device=device, tokenizer=tokenizer,
                                  safety_checker=safety_checker, config=config)
         parts["scheduler_config"] = _pipeline_scheduler_config(parts["scheduler_config"])
-        return Pipeline(**parts, source=str(source), compile=compile, cuda_graphs=cuda_graphs)
+        return Pipeline(**parts, source=str(source))
     if tokenizer is not None or config is not None:
         raise ValueError("tokenizer/config: only a single-file source takes them; a folder or hub repo carries "
                          "its own")
@@ -206,22 +309,27 @@ def load(source: str | Path = DEFAULT_MODEL, device: str | torch.device | None =
         if not (folder / part).is_dir():
             raise ValueError(f"model: {folder} has no {part}/ folder; expected a diffusers-layout AltDiffusion "
                              "pipeline folder")
-    # The UNet first: a dtype conversion briefly holds its mapped file and the converted copy, the largest
-    # transient of the load; with nothing else resident yet, peak RSS drops (bf16 m9: 6.2 → 4.9 GB).
-    unet = load_unet(folder / "unet", dtype=dtype, device=device, variant=variant)
     checker = None
     if want_checker and index.has("safety_checker") and (folder / "safety_checker").is_dir():
-        checker = load_safety_checker(folder / "safety_checker", folder / "feature_extractor", dtype=dtype,
-                                      device=device, variant=variant)
+        # Checked now (configs, keys, shapes), read on first use: it is needed only once an image is decoded.
+        checker = Later(safety_checker_reader(folder / "safety_checker", folder / "feature_extractor", variant))
+    readers = {"unet": load_unet, "text_encoder": load_text_encoder, "vae": load_vae}
+    if device.type == "cpu":
+        # The UNet first: a dtype conversion briefly holds its mapped file and the converted copy, the largest
+        # transient of the load; with nothing else resident yet, peak RSS drops (bf16 m9: 6.2 → 4.9 GB).
+        parts = {name: read(folder / name, dtype=dtype, device=device, variant=variant)
+                 for name, read in readers.items()}
+    else:
+        # One thread per component: one file pages in while another's tensors are copied to the GPU.
+        with ThreadPoolExecutor(len(readers)) as pool:
+            futures = {name: pool.submit(read, folder / name, dtype=dtype, device=device, variant=variant)
+                       for name, read in readers.items()}
+        parts = {name: future.result() for name, future in futures.items()}
     return Pipeline(
         tokenizer=Tokenizer.from_folder(folder / "tokenizer"),
-        text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, device=device, variant=variant),
-        unet=unet,
-        vae=load_vae(folder / "vae", dtype=dtype, device=device, variant=variant),
+        **parts,
         scheduler_config=_pipeline_scheduler_config(
             SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")),
         safety_checker=checker,
         source=str(source),
-        compile=compile,
-        cuda_graphs=cuda_graphs,
     )

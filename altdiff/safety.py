@@ -8,6 +8,7 @@ center crop, rescale, normalize) done with Pillow and torch, without transformer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import nn
 
 from altdiff.attention import attention
 from altdiff.config import ConfigError, ImageProcessorConfig, SafetyConfig
-from altdiff.weights import find_weights, load_module, read_state_dict
+from altdiff.weights import SafetensorsFile, check_weights, find_weights, load_module, open_weights
 
 # Older transformers saved CLIP's position ids (an arange) with the weights; we compute them.
 IGNORED_KEYS = ("vision_model.vision_model.embeddings.position_ids",)
@@ -98,8 +99,10 @@ class CLIPVisionEmbeddings(nn.Module):
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        # position ids are arange(num_positions): the embedding table in order.
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+        # position ids are arange(num_positions): the whole table, looked up (not read as `.weight`) so that
+        # offload hooks see the use.
+        positions = torch.arange(self.position_embedding.num_embeddings, device=patches.device)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding(positions)
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -238,14 +241,33 @@ def _check_processor(processor: ImageProcessorConfig, cfg: SafetyConfig) -> None
                           f"image_size={cfg.image_size}")
 
 
-def load_safety_checker(checker_folder: str | Path, feature_extractor_folder: str | Path,
-                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                        variant: str | None = None) -> SafetyChecker:
-    """Load a diffusers `safety_checker/` folder and its `feature_extractor/` preprocessor config."""
+def safety_checker_reader(checker_folder: str | Path, feature_extractor_folder: str | Path,
+                          variant: str | None = None) -> Callable[[torch.device | str | None, torch.dtype | None],
+                                                                  SafetyChecker]:
+    """Check a diffusers `safety_checker/` folder and its `feature_extractor/` preprocessor config now (configs,
+    weight keys and shapes: for safetensors from the header alone) and return `read(device, dtype)`, which
+    reads the weights (for `load()`, which reads them on first use)."""
     checker_folder, feature_extractor_folder = Path(checker_folder), Path(feature_extractor_folder)
     cfg = SafetyConfig.from_json(checker_folder / "config.json")
     processor = ImageProcessorConfig.from_json(feature_extractor_folder / "preprocessor_config.json")
     _check_processor(processor, cfg)
     path = find_weights(checker_folder, variant)
-    return load_module(lambda: SafetyChecker(cfg, processor), read_state_dict(path), str(path), dtype=dtype,
-                       device=device, ignore=IGNORED_KEYS)
+
+    def build() -> SafetyChecker:
+        return SafetyChecker(cfg, processor)
+
+    state_dict = open_weights(path)
+    with torch.device("meta"):
+        check_weights(build(), state_dict, str(path), IGNORED_KEYS)
+
+    def read(device: torch.device | str | None, dtype: torch.dtype | None) -> SafetyChecker:
+        weights = open_weights(path, device) if isinstance(state_dict, SafetensorsFile) else state_dict
+        return load_module(build, weights, str(path), dtype=dtype, device=device, ignore=IGNORED_KEYS)
+    return read
+
+
+def load_safety_checker(checker_folder: str | Path, feature_extractor_folder: str | Path,
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        variant: str | None = None) -> SafetyChecker:
+    """Load a diffusers `safety_checker/` folder and its `feature_extractor/` preprocessor config."""
+    return safety_checker_reader(checker_folder, feature_extractor_folder, variant)(device, dtype)

@@ -60,6 +60,7 @@ class ServeConfig:
     safety_checker: bool = True
     compile: bool = False
     cuda_graphs: bool = True
+    offload: str | None = None  # --medvram 'model', --lowvram 'sequential'
     api_auth: str | None = None  # "user:password[,user2:password2]", as the webui's --api-auth
     max_queue: int = 64  # jobs waiting behind the running one
     max_body_bytes: int = 64 * 2**20
@@ -337,7 +338,7 @@ class Worker:
             source = next(m.source for m in self.models if m.title == title)
             c = self.config
             self.pipe = load(source, device=c.device, dtype=c.dtype, safety_checker=c.safety_checker,
-                             compile=c.compile, cuda_graphs=c.cuda_graphs)
+                             compile=c.compile, cuda_graphs=c.cuda_graphs, offload=c.offload)
             self.pipe_title = title
         return self.pipe
 

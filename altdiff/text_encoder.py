@@ -17,7 +17,7 @@ from torch import nn
 from .attention import attention
 from .checks import is_int
 from .config import TextEncoderConfig
-from .weights import find_weights, load_module, read_state_dict
+from .weights import find_weights, load_module, open_weights
 
 # Checkpoint keys the model does not use: the pooler, the position-id buffer that older transformers saved,
 # and CLIP-style `logit_scale` from AltCLIP training.
@@ -37,7 +37,8 @@ class Embeddings(nn.Module):
         # fairseq positions: count non-pad tokens from padding_idx + 1; pad tokens sit at padding_idx.
         not_pad = input_ids.ne(self.padding_idx).long()
         position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.padding_idx
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        # Every weight through its module's call (not `.weight[0]`), so offload hooks see each use.
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(torch.zeros_like(input_ids))
         return self.LayerNorm(x + self.position_embeddings(position_ids))
 
 
@@ -71,6 +72,18 @@ class Roberta(nn.Module):
         self.embeddings = Embeddings(cfg)
         layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.encoder = nn.ModuleDict({"layer": layers})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int) -> torch.Tensor:
+        """The hidden state after the embeddings and the first `num_layers` layers."""
+        x = self.embeddings(input_ids)
+        mask = None
+        if attention_mask is not None:
+            # transformers' extended mask: 0 where attended, the dtype's most negative value where padded.
+            keep = attention_mask.to(device=x.device, dtype=x.dtype)[:, None, None, :]
+            mask = (1.0 - keep) * torch.finfo(x.dtype).min
+        for layer in self.encoder["layer"][:num_layers]:
+            x = layer(x, mask)
+        return x
 
 
 class TextEncoder(nn.Module):
@@ -112,15 +125,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"clip_skip must be None or an int in [0, {n_states - 1}] (this encoder has "
                              f"{n_states} hidden states), got {clip_skip!r}")
         clip_skip = int(clip_skip)
-        x = self.roberta.embeddings(input_ids)
-        mask = None
-        if attention_mask is not None:
-            # transformers' extended mask: 0 where attended, the dtype's most negative value where padded.
-            keep = attention_mask.to(device=x.device, dtype=x.dtype)[:, None, None, :]
-            mask = (1.0 - keep) * torch.finfo(x.dtype).min
         # Only the layers up to the requested hidden state run.
-        for layer in self.roberta.encoder["layer"][:n_states - 1 - clip_skip]:
-            x = layer(x, mask)
+        x = self.roberta(input_ids, attention_mask, n_states - 1 - clip_skip)
         if cfg.has_pre_transformation:
             return self.transformation_pre(self.pre_LN(x))
         return self.transformation(x)
@@ -157,5 +163,5 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype | None = None,
     folder = Path(folder)
     cfg = TextEncoderConfig.from_json(folder / "config.json")
     path = find_weights(folder, variant)
-    return load_module(lambda: TextEncoder(cfg), read_state_dict(path), str(path), dtype=dtype, device=device,
+    return load_module(lambda: TextEncoder(cfg), open_weights(path, device), str(path), dtype=dtype, device=device,
                        ignore=IGNORED_KEYS)

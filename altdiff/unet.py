@@ -18,7 +18,7 @@ from . import checks
 from .attention import attention
 from .config import UNetConfig
 from .resnet import Downsample, ResnetBlock, Upsample
-from .weights import find_weights, load_module, read_state_dict
+from .weights import find_weights, load_module, open_weights
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
@@ -386,4 +386,4 @@ def load_unet(folder: str | Path, dtype: torch.dtype | None = None, device: torc
     folder = Path(folder)
     cfg = UNetConfig.from_json(folder / "config.json")
     path = find_weights(folder, variant)
-    return load_module(lambda: UNet(cfg), read_state_dict(path), str(path), dtype=dtype, device=device)
+    return load_module(lambda: UNet(cfg), open_weights(path, device), str(path), dtype=dtype, device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from .checks import is_int, is_number, plain
 from .config import VAEConfig
 from .noise import Generator, randn_tensor
 from .resnet import Downsample, ResnetBlock, Upsample
-from .weights import StateDict, find_weights, load_module, read_state_dict
+from .weights import find_weights, load_module, open_weights
 
 # diffusers builds every VAE resnet, norm and attention with this epsilon.
 EPS = 1e-6
@@ -324,9 +325,12 @@ _LEGACY_ATTENTION = re.compile(r"(mid_block\.attentions\.\d+\.)(query|key|value|
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def rename_legacy_attention_keys(state_dict: StateDict) -> StateDict:
+def rename_legacy_attention_keys(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Old diffusers VAEs name the mid-block attention `query/key/value/proj_attn`; today's names are
-    `to_q/to_k/to_v/to_out.0` (diffusers' `_convert_deprecated_attention_blocks`). Same shapes, new names."""
+    `to_q/to_k/to_v/to_out.0` (diffusers' `_convert_deprecated_attention_blocks`). Same shapes, new names.
+    A state dict without legacy keys is returned as it is (a lazy one stays unread)."""
+    if not any(_LEGACY_ATTENTION.search(k) for k in state_dict):
+        return state_dict
     return {_LEGACY_ATTENTION.sub(lambda m: m[1] + _LEGACY_NAMES[m[2]] + ".", k): v for k, v in state_dict.items()}
 
 
@@ -336,5 +340,5 @@ def load_vae(folder: str | Path, dtype: torch.dtype | None = None, device: torch
     folder = Path(folder)
     cfg = VAEConfig.from_json(folder / "config.json")
     path = find_weights(folder, variant)
-    state_dict = rename_legacy_attention_keys(read_state_dict(path))
+    state_dict = rename_legacy_attention_keys(open_weights(path, device))
     return load_module(lambda: AutoencoderKL(cfg), state_dict, str(path), dtype=dtype, device=device)

@@ -1,7 +1,9 @@
 """Reading checkpoint files and strict, key- and shape-checked loading onto meta-built modules.
 
 Module attribute names equal the checkpoint keys, so loading is a copy: no rename table, no random init.
-Pickled formats go through `torch.load(weights_only=True)` only, which refuses arbitrary objects.
+`.safetensors` tensors are read from the mapped file straight onto the target device (no CPU copy on the
+way to a GPU) and converted to the target dtype there. Pickled formats go through
+`torch.load(weights_only=True)` only, which refuses arbitrary objects.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ import json
 import logging
 import pickle
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
@@ -33,8 +34,9 @@ class WeightsError(ValueError):
     """A weights file is unreadable, unsafe, or does not fit the model."""
 
 
-def _check_safetensors_header(path: Path) -> None:
-    # safetensors' own messages do not say which file; check the framing ourselves first.
+def _check_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+    """Every tensor's shape and dtype, from the header. safetensors' own messages do not say which file;
+    check the framing ourselves first."""
     size = path.stat().st_size
     if size < 8:
         raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -53,6 +55,62 @@ def _check_safetensors_header(path: Path) -> None:
     if 8 + n + end > size:
         raise WeightsError(f"{path}: truncated safetensors file (tensor data ends at byte {8 + n + end}, "
                            f"file has {size})")
+    return {k: (tuple(v.get("shape", ())), _SAFETENSORS_DTYPES.get(v.get("dtype"), v.get("dtype")))
+            for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _is_floating(dtype: torch.dtype | str) -> bool:
+    # A dtype torch names (above) or safetensors' own name for the others (F8_E4M3, ...).
+    return dtype.is_floating_point if isinstance(dtype, torch.dtype) else str(dtype).startswith(("F", "BF"))
+
+
+def _safetensors_device(device: torch.device | str | None) -> str:
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A `.safetensors` file as a state dict that reads each tensor when it is looked up, from the mapped file
+    onto `device`. Keys, shapes and dtypes (`meta`) come from the header: checking a model against the file
+    reads no data."""
+
+    def __init__(self, path: str | Path, device: torch.device | str | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WeightsError(f"{self.path}: weights file not found")
+        self.meta = _check_safetensors_header(self.path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device=_safetensors_device(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{self.path}: corrupt safetensors file ({e})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.meta:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{self.path}: corrupt safetensors file ({key}: {e})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.meta)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def open_weights(path: str | Path, device: torch.device | str | None = None) -> Mapping[str, torch.Tensor]:
+    """A component's weights file as a state dict: `.safetensors` read tensor by tensor onto `device`
+    (`SafetensorsFile`), other formats read whole onto the CPU (`read_state_dict`)."""
+    path = Path(path)
+    return SafetensorsFile(path, device) if path.suffix in SAFETENSORS_SUFFIXES else read_state_dict(path)
 
 
 def read_state_dict(path: str | Path) -> StateDict:
@@ -62,11 +120,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     if path.suffix in SAFETENSORS_SUFFIXES:
-        _check_safetensors_header(path)
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors file ({e})") from None
+        return dict(SafetensorsFile(path))
     if path.suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -130,16 +184,27 @@ def _summary(items: list, what: str, limit: int = 5) -> str:
     return f"{len(items)} {what}: {shown}{more}"
 
 
-def check_state_dict(model: nn.Module, state_dict: StateDict, source: str) -> None:
+def _meta(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+    """Each tensor's shape and dtype."""
+    if isinstance(state_dict, SafetensorsFile):
+        return dict(state_dict.meta)  # from the header: no tensor read
+    return {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one WeightsError listing missing keys, unexpected keys and shape mismatches."""
+    _check_meta(model, _meta(state_dict), source)
+
+
+def _check_meta(model: nn.Module, got: dict[str, tuple[tuple[int, ...], torch.dtype | str]], source: str) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} (model expects {tuple(v.shape)})"
-              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {got[k][0]} (model expects {tuple(v.shape)})"
+              for k, v in expected.items() if k in got and got[k][0] != tuple(v.shape)]
     # Weights quantized to (or mislabelled as) an integer dtype would be cast to garbage floats.
-    dtypes = [f"{k} {state_dict[k].dtype}" for k, v in expected.items()
-              if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()]
+    dtypes = [f"{k} {got[k][1]}" for k, v in expected.items()
+              if k in got and v.is_floating_point() and not _is_floating(got[k][1])]
     problems = [_summary(x, w) for x, w in ((missing, "missing keys"), (unexpected, "unexpected keys"),
                                             (shapes, "shape mismatches"),
                                             (dtypes, "weights in a non-floating-point dtype")) if x]
@@ -152,26 +217,33 @@ def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tens
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def load_module(build: Callable[[], M], state_dict: StateDict, source: str, *,
-                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                ignore: Iterable[str] = ()) -> M:
-    """Build a module on the meta device (no init cost) and fill it from `state_dict`, strictly.
-
-    `ignore` lists key prefixes the checkpoint may carry that the model does not use (e.g. an unused pooler).
-    Floating-point tensors are cast to `dtype`; the result is moved to `device`.
-    """
-    with torch.device("meta"):
-        model = build()
+def check_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                  ignore: Iterable[str] = ()) -> list[str]:
+    """`check_state_dict` for the keys not under an `ignore` prefix, which it returns."""
     ignore = tuple(ignore)
     skipped = [k for k in state_dict if ignore and k.startswith(ignore)]
     if skipped:
         log.debug("%s: ignored %d unused tensors: %s", source, len(skipped), ", ".join(skipped))
-    state_dict = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
-    check_state_dict(model, state_dict, source)
+    meta = {k: v for k, v in _meta(state_dict).items() if not (ignore and k.startswith(ignore))}
+    _check_meta(model, meta, source)
+    return list(meta)
+
+
+def load_module(build: Callable[[], M], state_dict: Mapping[str, torch.Tensor], source: str, *,
+                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                ignore: Iterable[str] = ()) -> M:
+    """Build a module on the meta device (no init cost) and fill it from `state_dict`, strictly: keys and
+    shapes are checked before any tensor is read.
+
+    `ignore` lists key prefixes the checkpoint may carry that the model does not use (e.g. an unused pooler).
+    Each tensor goes to `device` first and is cast to `dtype` there (floating point only).
+    """
+    with torch.device("meta"):
+        model = build()
     converted = {}
-    for k, v in state_dict.items():
-        v = cast_floating(v, dtype)
-        converted[k] = v.to(device) if device is not None else v
+    for k in check_weights(model, state_dict, source, ignore):
+        v = state_dict[k]
+        converted[k] = cast_floating(v.to(device) if device is not None else v, dtype)
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -1,7 +1,9 @@
-"""`compile=True` and the FastUNet runner: the compiled UNet computes what the plain one does, is rebuilt
-whenever what it froze changes, steps aside for unfused LoRA, and falls back (with a warning) when
-compilation fails. One real inductor compilation on the tiny model (~40 s on 2 cores); the bookkeeping tests
-swap torch.compile for the identity so they cost nothing. CUDA-graph capture is tested in test_cuda.py."""
+"""`compile=True`: the FastUNet runner and the compiled text encoder, VAE decoder and safety checker
+compute what the plain modules do, are rebuilt whenever what they froze changes (really recompiled: dynamo
+would otherwise reuse code holding the old weights), step aside for hooks (unfused LoRA, sequential
+offload), and fall back (with a warning) when compilation fails. One real inductor compilation of the tiny
+pipeline (~1-2 min on 2 cores); the bookkeeping tests swap torch.compile for the identity so they cost
+nothing. CUDA-graph capture is tested in test_cuda.py."""
 
 import warnings
 
@@ -36,16 +38,39 @@ def unet_inputs(pipe, batch=2, side=8):
             torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, generator=g))
 
 
-def test_compiled_unet_and_images_equal_eager(m9_folder):
-    fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
-    plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
+def regions(pipe):
+    return [pipe.text_encoder.roberta, pipe.vae.decoder, pipe.safety_checker.vision_model]
+
+
+def levels(a, b) -> float:
+    return np.abs(np.round(a * 255) - np.round(b * 255)).max()
+
+
+def test_compiled_pipeline_and_images_equal_eager(m9_folder):
+    fast = altdiff.load(m9_folder, device="cpu", compile=True)
+    plain = altdiff.load(m9_folder, device="cpu")
     image = fast.generate("a cat", **GEN).images
     assert isinstance(fast._fast_unet, fast_unet.FastUNet) and not fast._fast_unet.failed
-    diff = np.abs(np.round(image * 255) - np.round(plain.generate("a cat", **GEN).images * 255)).max()
-    assert diff <= 1
+    for module in regions(fast):
+        forward = module.__dict__["forward"]
+        assert isinstance(forward, fast_unet.CompiledForward) and forward.fn is not None and not forward.failed
+    assert levels(image, plain.generate("a cat", **GEN).images) <= 1
     x, t, c = unet_inputs(fast)
     with torch.inference_mode():
         assert max_abs(fast.unet_runner()(x, t, c), plain.unet(x, t, c)) < 1e-5
+
+    # An in-place weight change (as fuse_lora makes) recompiles: frozen code holding the old weights is not
+    # reused. The change moves the image by many levels, and compiled still equals eager.
+    for pipe in (fast, plain):
+        with torch.no_grad():
+            pipe.vae.decoder.conv_out.bias.add_(0.5)
+    changed = fast.generate("a cat", **GEN).images
+    assert levels(changed, image) > 50
+    assert levels(changed, plain.generate("a cat", **GEN).images) <= 1
+
+    fast.compile = False  # the next generation runs every module eagerly again
+    fast.generate("a cat", **GEN)
+    assert all("forward" not in module.__dict__ for module in regions(fast))
 
 
 def test_runner_is_rebuilt_when_weights_dtype_freeu_or_slicing_change(m9_folder, no_inductor):
@@ -69,6 +94,20 @@ def test_runner_is_rebuilt_when_weights_dtype_freeu_or_slicing_change(m9_folder,
     assert pipe.unet_runner() is not fourth and len(no_inductor) == 5
     pipe.compile = False  # on the CPU there are no CUDA graphs: the plain UNet
     assert pipe.unet_runner() is pipe.unet
+
+
+def test_compiled_forward_steps_aside_for_hooks_inside(m9_folder, no_inductor):
+    pipe = altdiff.load(m9_folder, device="cpu", compile=True)
+    pipe.generate("a cat", **GEN)
+    assert len(no_inductor) == 4  # UNet, text encoder, VAE decoder, safety checker
+    handle = pipe.vae.decoder.conv_in.register_forward_hook(lambda m, args, out: None)  # e.g. a LoRA layer
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.bias.add_(0.0)  # the key changed, but the hook keeps it eager: no rebuild
+    pipe.generate("a cat", **GEN)
+    assert len(no_inductor) == 4
+    handle.remove()
+    pipe.generate("a cat", **GEN)
+    assert len(no_inductor) == 5
 
 
 def test_unfused_lora_runs_the_plain_unet(m9_folder, no_inductor):
