@@ -22,12 +22,16 @@ from altdiff.pipeline import parse_device, parse_dtype
 
 from . import blocks
 from .measure import Result
-from .model import DEFAULT_WORKDIR, build_folder, load_altdiff, load_diffusers
+from .model import DEFAULT_WORKDIR, REAL_VOCAB, build_folder, load_altdiff, load_diffusers
 from .report import environment, table, write_json
 
 LIBS = ("altdiff", "diffusers")
 ALL_BLOCKS = ("load", *blocks.BLOCKS)
-OPT_IN = ("unet_compiled", "e2e_compiled", "e2e_tiled")  # minutes of compilation; a large image
+# Minutes of compilation; a large image; 8 images per call; offload (CUDA only, last: it leaves diffusers'
+# pipeline offloaded).
+OPT_IN = ("unet_compiled", "e2e_compiled", "e2e_tiled", "throughput", "offload")
+CUDA_ONLY = ("offload",)
+MEMORY_BLOCKS = ("offload",)  # built with the real 250,002-row vocabulary unless --vocab-size says otherwise
 DEFAULT_BLOCKS = tuple(b for b in ALL_BLOCKS if b not in OPT_IN)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--folder", type=Path, default=None, help="an existing diffusers-layout AltDiffusion folder")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache for the built random model")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="text encoder vocabulary of the built model (default: the small tokenizer's; 250002 is "
-                        "the real one)")
+                   help="text encoder vocabulary of the built model (default: the small tokenizer's, or the real "
+                        f"{REAL_VOCAB} when a memory block ({', '.join(MEMORY_BLOCKS)}) runs)")
     args = p.parse_args(argv)
     try:
         args.device = parse_device(args.device)
@@ -63,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         elif getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive int")
     args.dtype = parse_dtype(args.dtype, args.device)
+    if args.vocab_size is None and set(args.blocks) & set(MEMORY_BLOCKS):
+        args.vocab_size = REAL_VOCAB  # memory is what these rows are for: the embedding table is 0.5 GB of it
+    if not cuda and set(args.blocks) & set(CUDA_ONLY):
+        p.error(f"--blocks {' '.join(sorted(set(args.blocks) & set(CUDA_ONLY)))}: CUDA only (weights are "
+                "offloaded to the CPU)")
     return args
 
 
@@ -77,6 +86,8 @@ def load_rows(folder: Path, args: argparse.Namespace, with_e2e: bool) -> list[Re
                   {lib: 0 for lib in LIBS}, note="page cache warm")
     first = Result("first e2e, fresh process", f"t2i {args.size}², {args.steps} steps; peak incl. weights",
                    {lib: [] for lib in LIBS}, {lib: 0 for lib in LIBS})
+    to_image = Result("load → first image, fresh process", "the two rows above, one after the other",
+                      {lib: [] for lib in LIBS}, {lib: 0 for lib in LIBS})
     for r in range(args.repeats):
         for lib in LIBS if r % 2 == 0 else LIBS[::-1]:
             cmd = [sys.executable, "-m", "benchmarks.load_probe", lib, str(folder), str(args.device),
@@ -90,7 +101,9 @@ def load_rows(folder: Path, args: argparse.Namespace, with_e2e: bool) -> list[Re
             if "e2e_s" in out:
                 first.times[lib].append(out["e2e_s"])
                 first.memory[lib] = max(first.memory[lib], out["e2e_peak"])
-    return [load, first] if with_e2e else [load]
+                to_image.times[lib].append(out["load_s"] + out["e2e_s"])
+                to_image.memory[lib] = first.memory[lib]
+    return [load, first, to_image] if with_e2e else [load]
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from altdiff.fast_unet import compiled
 from altdiff.samplers import get_sampler
 from altdiff.schedules import make_schedule
 from tests.tiny import CORPUS
@@ -69,14 +71,44 @@ def unet(alt, ref, s: Settings) -> Result:
     return compare("UNet step", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
 
 
-def _compiled(alt, ref):
-    """altdiff's `compile=True` UNet, and diffusers' UNet as its docs compile it (mode reduce-overhead,
-    fullgraph: CUDA graphs on CUDA). Each compiles on its first call; diffusers' is kept for later blocks,
-    altdiff's while nothing switches the pipeline back (the caller sets `alt.compile = False` when done)."""
+def _compiled(alt, ref, s: Settings):
+    """altdiff's `compile=True` UNet, and diffusers' UNet compiled. On CUDA as diffusers' docs advise (mode
+    reduce-overhead: CUDA graphs; fullgraph); on the CPU with the very inductor freezing altdiff uses
+    (`fast_unet.compiled`): reduce-overhead has no graphs to record there and is slower than eager, and
+    freezing is what makes compiled code pay on the CPU. Each compiles on its first call; diffusers' is kept
+    for later blocks, altdiff's while nothing switches the pipeline back (the caller sets `alt.compile =
+    False` when done)."""
     if not hasattr(ref, "compiled_unet"):
-        ref.compiled_unet = torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
+        if s.device.type == "cpu":
+            ref.compiled_unet = compiled(ref.unet.forward, s.device)
+        else:
+            ref.compiled_unet = torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
     alt.compile = True
     return alt.unet_runner(), ref.compiled_unet
+
+
+@contextmanager
+def _diffusers_compiled(ref, s: Settings) -> Iterator[None]:
+    """diffusers' pipeline calling its compiled UNet: on the CPU the compiled forward is set on the module
+    (as altdiff's CompiledForward is), on CUDA the compiled module replaces it."""
+    if s.device.type == "cpu":
+        ref.unet.forward = ref.compiled_unet
+        try:
+            yield
+        finally:
+            del ref.unet.forward
+    else:
+        eager, ref.unet = ref.unet, ref.compiled_unet
+        try:
+            yield
+        finally:
+            ref.unet = eager
+
+
+def _diffusers_unet_call(unet, x, t, context):
+    # The arguments diffusers' pipeline passes, so the UNet row's compiled code serves the pipeline too.
+    return unet(x, t, encoder_hidden_states=context, timestep_cond=None, cross_attention_kwargs=None,
+                added_cond_kwargs=None, return_dict=False)[0]
 
 
 def _first_calls(runs: dict[str, Callable[[], object]], s: Settings) -> str:
@@ -96,13 +128,13 @@ def unet_compiled(alt, ref, s: Settings) -> Result:
     """The UNet step with altdiff's compile=True against diffusers' compiled UNet. Opt-in: a minute or more
     of compilation per library."""
     x, t, context = _unet_inputs(alt, s)
-    alt_unet, ref_unet = _compiled(alt, ref)
+    alt_unet, ref_unet = _compiled(alt, ref, s)
     try:
         runs = {"altdiff": lambda: alt_unet(x, t, context),
-                "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=context,
-                                              return_dict=False)[0].clone()}
+                "diffusers": lambda: _diffusers_unet_call(ref_unet, x, t, context).clone()}
         note = _first_calls(runs, s)
-        result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
+        result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats,
+                         warmup=0)
     finally:
         alt.compile = False
     result.note = note
@@ -202,9 +234,9 @@ def sampler(alt, ref, s: Settings) -> Result:
     return result
 
 
-def _e2e(alt, ref, size: int, steps: int):
+def _e2e(alt, ref, size: int, steps: int, images: int = 1):
     common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, height=size,
-                  width=size, output_type="np")
+                  width=size, output_type="np", num_images_per_prompt=images)
     return {"altdiff": lambda: alt.generate(PROMPT, seed=0, progress=False, **common).images,
             "diffusers": lambda: ref(PROMPT, generator=torch.Generator().manual_seed(0), **common).images}
 
@@ -237,21 +269,62 @@ def end_to_end(alt, ref, s: Settings) -> list[Result]:
 
 
 def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
-    """End to end with altdiff's compile=True against diffusers with its compiled UNet, then against
-    diffusers as it comes (eager) (opt-in)."""
+    """End to end with altdiff's compile=True (UNet, text encoder, VAE decoder, safety checker) against
+    diffusers with its UNet compiled (`_compiled`), then against diffusers as it comes (eager) (opt-in).
+    The first calls, which compile, are timed apart (the note) and are the only warm-up."""
     shape = f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}"
-    _compiled(alt, ref)
-    eager_unet, ref.unet = ref.unet, ref.compiled_unet
+    _compiled(alt, ref, s)
     try:
-        runs = _e2e(alt, ref, s.size, s.steps)
-        note = _first_calls(runs, s)
-        rows = [compare("end to end, compiled", shape, runs, s.device, s.repeats, error=_uint8_error)]
-        ref.unet = eager_unet
+        with _diffusers_compiled(ref, s):
+            runs = _e2e(alt, ref, s.size, s.steps)
+            note = _first_calls(runs, s)
+            rows = [compare("end to end, compiled", shape, runs, s.device, s.repeats, warmup=0,
+                            error=_uint8_error)]
         rows.append(compare("end to end, altdiff compiled vs diffusers eager", shape,
-                            _e2e(alt, ref, s.size, s.steps), s.device, s.repeats, error=_uint8_error))
+                            _e2e(alt, ref, s.size, s.steps), s.device, s.repeats, warmup=0, error=_uint8_error))
     finally:
-        ref.unet, alt.compile = eager_unet, False
+        alt.compile = False
     rows[0].note = note
+    return rows
+
+
+def throughput(alt, ref, s: Settings) -> Result:
+    """Images per second at batch 8: one generate() call making 8 images of one prompt (one UNet batch of
+    16 with CFG), as `altdiff --batch-size 8` and `num_images_per_prompt=8` in diffusers."""
+    runs = _e2e(alt, ref, s.size, s.steps, images=8)
+    return compare("throughput, batch 8", f"t2i {s.size}x{s.size}, {s.steps} steps, 8 images per call", runs,
+                   s.device, s.repeats, error=_uint8_error, unit_count=8, unit="images")
+
+
+def _weights(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+def offload(alt, ref, s: Settings) -> list[Result]:
+    """CUDA: model and sequential CPU offload against diffusers' same modes, with the no-offload run of the
+    same block for reference. Memory is the peak a generation reaches with its weights: nothing of an
+    offloaded pipeline stays on the GPU between calls, and for the no-offload row the resident weights are
+    added. Leaves diffusers' pipeline offloaded (sequential offload moves its weights to the meta device), so
+    it runs last."""
+    shape = f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}"
+    repeats = min(s.repeats, 2)  # sequential offload is slow; its peak does not vary
+    plain = compare("end to end, no offload", shape, _e2e(alt, ref, s.size, s.steps), s.device, repeats,
+                    error=_uint8_error)
+    for lib, pipe in (("altdiff", alt), ("diffusers", ref)):
+        plain.memory[lib] += _weights(pipe.text_encoder, pipe.unet, pipe.vae, pipe.safety_checker)
+    plain.note = "peak incl. resident weights"
+    rows = [plain]
+    try:
+        for mode, method in (("model", "enable_model_cpu_offload"), ("sequential", "enable_sequential_cpu_offload")):
+            getattr(alt, method)(device=s.device)
+            getattr(ref, method)(device=s.device)
+            row = compare(f"end to end, {mode} offload", shape, _e2e(alt, ref, s.size, s.steps), s.device, repeats,
+                          error=_uint8_error)
+            row.note = f"altdiff {row.median('altdiff') / plain.median('altdiff'):.2f}x its no-offload time"
+            rows.append(row)
+    finally:
+        alt.remove_all_hooks()
+        alt.to(s.device)
     return rows
 
 
@@ -274,5 +347,6 @@ BLOCKS: dict[str, Callable[..., Result | list[Result]]] = {
     "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "unet_variants": unet_variants,
     "unet_compiled": unet_compiled, "vae_decode": vae_decode, "vae_encode": vae_encode,
     "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler, "e2e": end_to_end,
-    "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled,
+    "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled, "throughput": throughput,
+    "offload": offload,  # last: it leaves diffusers' pipeline offloaded
 }

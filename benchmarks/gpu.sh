@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call (device time is scarce): CUDA tests on the tiny models, then the
-# benchmark tables in fp16 at 512², 50 steps. Run from the repo root on the GPU machine; the test-only
-# oracles (diffusers 0.35.2, transformers 4.57.6, ...) travel as wheels in .whl/ (see benchmarks/README.md).
-# Each stage has its own time limit, so one failing stage still leaves the others' results in $OUT. About
-# 8 minutes on an H200 (half of it compiling), inside one 10-minute device call.
+# benchmark tables in fp16 at 512², 50 steps, on the m9-sized random model with the real 250,002-row
+# vocabulary (one folder for every stage; built by the first, ~1.5 min). The test-only oracles (diffusers
+# 0.35.2, transformers 4.57.6, accelerate for diffusers' offload, ...) travel as wheels in .whl/ (see
+# benchmarks/README.md). Each stage has its own time limit and writes its JSON after every block, so a stage
+# cut short or failing still leaves the others' results in $OUT. The limits add up to ~9.5 minutes, inside
+# one 10-minute device call; the compile stage, the likeliest to run over, goes last.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/altdiff-gpu}
 mkdir -p "$OUT"
@@ -12,12 +14,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
-python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-B="python3 -m benchmarks --device cuda --dtype fp16 --tiled-size 2048"
+python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', \
+accelerate.__version__)"
+B="python3 -m benchmarks --device cuda --dtype fp16 --tiled-size 2048 --vocab-size 250002"
 stage() { local limit=$1 name=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -25; }
-stage "${T_TESTS:-120}" tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fast_unet.py
-stage "${T_EAGER:-200}" eager $B --json "$OUT/eager.json" --blocks tokenizer text_encoder unet unet_variants \
-    vae_decode vae_encode vae_tiled_decode safety sampler e2e e2e_tiled
-stage "${T_COMPILED:-200}" compiled $B --json "$OUT/compiled.json" --blocks unet_compiled e2e_compiled
-stage "${T_LOAD:-60}" load $B --json "$OUT/load.json" --blocks load --repeats 2
+stage "${T_TESTS:-90}" tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage "${T_EAGER:-170}" eager $B --json "$OUT/eager.json" --blocks text_encoder unet unet_variants vae_decode \
+    safety e2e throughput e2e_tiled
+stage "${T_OFFLOAD:-90}" offload $B --json "$OUT/offload.json" --blocks offload --repeats 2
+stage "${T_LOAD:-60}" load $B --json "$OUT/load.json" --blocks load e2e --repeats 2
+stage "${T_COMPILED:-165}" compiled $B --json "$OUT/compiled.json" --blocks unet_compiled e2e_compiled --repeats 3

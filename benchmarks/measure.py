@@ -68,7 +68,7 @@ class PeakMemory:
 
 @dataclass
 class Result:
-    """One row of the table. `times` are seconds per run; `unit_count` turns them into a rate (prompts/s)
+    """One row of the table. `times` are seconds per run; `unit_count` turns them into a rate (`unit`/s)
     when set. `error` is the max abs difference between the two implementations' outputs."""
 
     block: str
@@ -77,6 +77,7 @@ class Result:
     memory: dict[str, int] = field(default_factory=dict)
     error: float | None = None
     unit_count: int | None = None
+    unit: str = "prompts"
     note: str = ""
 
     def median(self, lib: str) -> float | None:
@@ -95,11 +96,12 @@ def max_abs_diff(a, b) -> float:
 
 def compare(block: str, shape: str, runs: dict[str, Callable[[], object]], device: torch.device, repeats: int,
             warmup: int = 1, error: Callable[[object, object], float] | None = max_abs_diff,
-            unit_count: int | None = None) -> Result:
+            unit_count: int | None = None, unit: str = "prompts") -> Result:
     """Run each implementation `warmup` times, then `repeats` timed rounds, alternating which one goes first
     each round so neither always runs on a warmer (or more contended) machine. Memory is the largest peak
     seen over the timed runs."""
-    result = Result(block, shape, {lib: [] for lib in runs}, {lib: 0 for lib in runs}, unit_count=unit_count)
+    result = Result(block, shape, {lib: [] for lib in runs}, {lib: 0 for lib in runs}, unit_count=unit_count,
+                    unit=unit)
     outputs = {}
     with torch.inference_mode():
         for fn in runs.values():

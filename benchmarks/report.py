@@ -23,7 +23,8 @@ def _time(r: Result, lib: str) -> str:
     if t is None:
         return ""
     if r.unit_count:
-        return f"{r.unit_count / t:,.0f} prompts/s"
+        rate = r.unit_count / t
+        return f"{rate:,.0f} {r.unit}/s" if rate >= 100 else f"{rate:,.3g} {r.unit}/s"
     return f"{t * 1e3:,.1f} ms" if t < 1 else f"{t:,.2f} s"
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the benchmarks package
 
@@ -21,8 +22,9 @@ def test_harness_runs_every_block_on_the_tiny_model(m9_folder, tmp_path, capsys)
     table = capsys.readouterr().out
 
     blocks = [r.block for r in results]
-    assert blocks == ["load", "first e2e, fresh process", "tokenizer", "text encoder", "UNet step",
-                      "UNet step, channels_last", "VAE decode", "VAE encode", "VAE tiled decode", "safety checker", "sampler overhead", "end to end"]
+    assert blocks == ["load", "first e2e, fresh process", "load → first image, fresh process", "tokenizer",
+                      "text encoder", "UNet step", "UNet step, channels_last", "VAE decode", "VAE encode",
+                      "VAE tiled decode", "safety checker", "sampler overhead", "end to end"]
     for r in results:
         assert set(r.times) == {"altdiff", "diffusers"}
         assert all(len(t) == 1 and t[0] > 0 for t in r.times.values()), r.block
@@ -38,13 +40,24 @@ def test_harness_runs_every_block_on_the_tiny_model(m9_folder, tmp_path, capsys)
     assert saved["settings"]["dtype"] == "fp32" and saved["settings"]["size"] == 32
 
 
-def test_block_selection_and_argument_errors(m9_folder, capsys):
-    results = main(["--folder", str(m9_folder), "--blocks", "sampler", "e2e_tiled", *TINY])
-    assert [r.block for r in results] == ["sampler overhead", "end to end, VAE tiling"]
-    assert results[1].error <= 1 and "64x64" in results[1].shape
+def test_opt_in_blocks_and_argument_errors(m9_folder, capsys, monkeypatch):
+    # torch.compile as the identity: the compiled blocks' plumbing without minutes of compilation.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    results = main(["--folder", str(m9_folder), "--blocks", "sampler", "e2e_tiled", "unet_compiled",
+                    "e2e_compiled", "throughput", *TINY])
+    assert [r.block for r in results] == ["UNet step, compiled", "sampler overhead", "end to end, VAE tiling",
+                                          "end to end, compiled", "end to end, altdiff compiled vs diffusers eager",
+                                          "throughput, batch 8"]
+    errors = {r.block: r.error for r in results}
+    assert errors["UNet step, compiled"] < 1e-4 and errors["end to end, VAE tiling"] <= 1
+    assert all(errors[r] <= 1 for r in ("end to end, compiled", "end to end, altdiff compiled vs diffusers eager",
+                                         "throughput, batch 8"))
+    assert "64x64" in results[2].shape and "images/s" in capsys.readouterr().out
     assert "load" in ALL_BLOCKS
-    for bad in (["--blocks", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--dtype", "int8"]):
+    for bad in (["--blocks", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--dtype", "int8"],
+                ["--device", "cpu", "--blocks", "offload"]):
         with pytest.raises(SystemExit) as e:
             main(["--folder", str(m9_folder), *bad])
         assert e.value.code == 2
-    assert "--repeats must be a positive int" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--repeats must be a positive int" in err and "--blocks offload: CUDA only" in err
