@@ -161,3 +161,13 @@ def test_offload_on_cuda(m9_folder, mode):
         assert all(unet <= h < unet + vae for h in held), (held, unet, vae)
     else:
         assert all(h < unet for h in held), (held, unet)
+
+
+def test_safetensors_read_straight_onto_the_gpu(m9_folder):
+    from altdiff.weights import SafetensorsFile, find_weights
+
+    weights = SafetensorsFile(find_weights(m9_folder / "unet"), "cuda")
+    assert weights["conv_in.weight"].device.type == "cuda"
+    pipe = altdiff.load(m9_folder, device="cuda", dtype=torch.float16)  # three components in parallel threads
+    assert all(p.device.type == "cuda" and p.dtype == torch.float16
+               for m in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.safety_checker) for p in m.parameters())

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from altdiff.weights import WeightsError, find_weights, load_module, read_state_dict
+from altdiff.weights import SafetensorsFile, WeightsError, find_weights, load_module, read_state_dict
 
 
 def _linear():
@@ -142,3 +142,23 @@ def test_find_weights_prefers_variant_then_safetensors(tmp_path):
     assert find_weights(tmp_path, "fp16").name == "model.fp16.safetensors"
     with pytest.raises(WeightsError, match="no weights file"):
         find_weights(tmp_path / "nothing")
+
+
+def test_safetensors_checked_from_the_header_then_read_one_tensor_at_a_time(good, monkeypatch):
+    path, sd = good
+    weights = SafetensorsFile(path)
+    assert weights.meta == {"weight": ((3, 4), torch.float32), "bias": ((3,), torch.float32)}
+    assert set(weights) == {"weight", "bias"}
+    reads = []
+    read = SafetensorsFile.__getitem__
+    monkeypatch.setattr(SafetensorsFile, "__getitem__", lambda self, key: reads.append(key) or read(self, key))
+    with pytest.raises(WeightsError, match=r"1 shape mismatches: weight \(3, 4\) \(model expects \(3, 5\)\)"):
+        load_module(lambda: nn.Linear(5, 3), weights, str(path))
+    assert reads == []  # refused from the header alone
+    model = load_module(_linear, weights, str(path), dtype=torch.float16, device="cpu")
+    assert sorted(reads) == ["bias", "weight"]
+    assert model.weight.dtype == torch.float16 and torch.equal(model.weight, sd["weight"].half())
+    with pytest.raises(KeyError):
+        weights["nope"]
+    with pytest.raises(WeightsError, match="weights file not found"):
+        SafetensorsFile(path.with_name("missing.safetensors"))
