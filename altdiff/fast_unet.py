@@ -159,10 +159,11 @@ class CompiledForward:
 
 
 def set_compiled(modules: list[nn.Module], on: bool) -> None:
-    """Install (`on`) or remove the compiled forward of each module."""
+    """Install (`on`) or remove the compiled forward of each module. A removed one is kept aside with its
+    compiled code, so switching `compile` back on does not compile again."""
     for module in modules:
         installed = isinstance(module.__dict__.get("forward"), CompiledForward)
         if on and not installed:
-            module.forward = CompiledForward(module)
+            module.forward = module.__dict__.pop("_compiled_forward", None) or CompiledForward(module)
         elif not on and installed:
-            del module.forward
+            module._compiled_forward = module.__dict__.pop("forward")

@@ -15,7 +15,7 @@ from altdiff.samplers import get_sampler
 from altdiff.schedules import make_schedule
 from tests.tiny import CORPUS
 
-from .measure import Result, compare, sync
+from .measure import Result, compare, max_abs_diff, sync
 
 PROMPT = "一只戴着帽子的猫, highly detailed oil painting"
 NEGATIVE = "low quality"
@@ -71,20 +71,16 @@ def unet(alt, ref, s: Settings) -> Result:
     return compare("UNet step", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats)
 
 
-def _compiled(alt, ref, s: Settings):
-    """altdiff's `compile=True` UNet, and diffusers' UNet compiled. On CUDA as diffusers' docs advise (mode
+def _compile_diffusers(ref, s: Settings) -> None:
+    """diffusers' UNet compiled, kept as `ref.compiled_unet`. On CUDA as diffusers' docs advise (mode
     reduce-overhead: CUDA graphs; fullgraph); on the CPU with the very inductor freezing altdiff uses
     (`fast_unet.compiled`): reduce-overhead has no graphs to record there and is slower than eager, and
-    freezing is what makes compiled code pay on the CPU. Each compiles on its first call; diffusers' is kept
-    for later blocks, altdiff's while nothing switches the pipeline back (the caller sets `alt.compile =
-    False` when done)."""
+    freezing is what makes compiled code pay on the CPU. It compiles on its first call."""
     if not hasattr(ref, "compiled_unet"):
         if s.device.type == "cpu":
             ref.compiled_unet = compiled(ref.unet.forward, s.device)
         else:
             ref.compiled_unet = torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
-    alt.compile = True
-    return alt.unet_runner(), ref.compiled_unet
 
 
 @contextmanager
@@ -111,8 +107,8 @@ def _diffusers_unet_call(unet, x, t, context):
                 added_cond_kwargs=None, return_dict=False)[0]
 
 
-def _first_calls(runs: dict[str, Callable[[], object]], s: Settings) -> str:
-    """Run each once (compiling), timed: the note of a compiled row."""
+def _first_calls(runs: dict[str, Callable[[], object]], s: Settings) -> dict[str, float]:
+    """Run each once, timed (for a compiled run: its compilation)."""
     seconds = {}
     with torch.inference_mode():
         for lib, fn in runs.items():
@@ -121,24 +117,54 @@ def _first_calls(runs: dict[str, Callable[[], object]], s: Settings) -> str:
             fn()
             sync(s.device)
             seconds[lib] = time.perf_counter() - start
-    return "first call (compiles) " + ", ".join(f"{lib} {t:.0f} s" for lib, t in seconds.items())
+    return seconds
 
 
-def unet_compiled(alt, ref, s: Settings) -> Result:
-    """The UNet step with altdiff's compile=True against diffusers' compiled UNet. Opt-in: a minute or more
-    of compilation per library."""
+def _four_way(name: str, shape: str, runs: dict[str, Callable[[], object]], s: Settings,
+              error: Callable[[object, object], float]) -> list[Result]:
+    """`runs` holds altdiff and diffusers, each compiled and eager. One first call each (compiling, or warming
+    up), then `s.repeats` rounds of all four interleaved, so every ratio comes from the same rounds, under
+    the same machine load. Rows: compiled against compiled, altdiff compiled against diffusers eager, and
+    eager against eager."""
+    outputs: dict[str, object] = {}
+
+    def kept(key: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            outputs[key] = fn()
+            return outputs[key]
+        return run
+    runs = {key: kept(key, fn) for key, fn in runs.items()}
+    first = _first_calls(runs, s)
+    rounds = compare(name, shape, runs, s.device, s.repeats, warmup=0, error=None)
+
+    def pair(block: str, a: str, b: str) -> Result:
+        return Result(block, shape, {"altdiff": rounds.times[a], "diffusers": rounds.times[b]},
+                      {"altdiff": rounds.memory[a], "diffusers": rounds.memory[b]}, error(outputs[a], outputs[b]))
+    rows = [pair(f"{name}, compiled", "altdiff compiled", "diffusers compiled"),
+            pair(f"{name}, altdiff compiled vs diffusers eager", "altdiff compiled", "diffusers eager"),
+            pair(f"{name}, eager (same rounds)", "altdiff eager", "diffusers eager")]
+    gain = {lib: rounds.median(f"{lib} eager") / rounds.median(f"{lib} compiled") for lib in ("altdiff", "diffusers")}
+    rows[0].note = (f"first call (compiles) altdiff {first['altdiff compiled']:.0f} s, diffusers "
+                    f"{first['diffusers compiled']:.0f} s; over own eager: altdiff {gain['altdiff']:.2f}x, "
+                    f"diffusers {gain['diffusers']:.2f}x")
+    return rows
+
+
+def unet_compiled(alt, ref, s: Settings) -> list[Result]:
+    """The UNet step with altdiff's compile=True against diffusers' compiled UNet, and both eager, in the
+    same rounds. Opt-in: a minute or more of compilation per library."""
     x, t, context = _unet_inputs(alt, s)
-    alt_unet, ref_unet = _compiled(alt, ref, s)
+    _compile_diffusers(ref, s)
+    alt.compile = True
     try:
-        runs = {"altdiff": lambda: alt_unet(x, t, context),
-                "diffusers": lambda: _diffusers_unet_call(ref_unet, x, t, context).clone()}
-        note = _first_calls(runs, s)
-        result = compare("UNet step, compiled", f"batch 2 (CFG), {tuple(x.shape)}", runs, s.device, s.repeats,
-                         warmup=0)
+        fast = alt.unet_runner()
+        runs = {"altdiff compiled": lambda: fast(x, t, context),
+                "diffusers compiled": lambda: _diffusers_unet_call(ref.compiled_unet, x, t, context).clone(),
+                "altdiff eager": lambda: alt.unet(x, t, context),
+                "diffusers eager": lambda: _diffusers_unet_call(ref.unet, x, t, context)}
+        return _four_way("UNet step", f"batch 2 (CFG), {tuple(x.shape)}", runs, s, max_abs_diff)
     finally:
         alt.compile = False
-    result.note = note
-    return result
 
 
 def unet_variants(alt, ref, s: Settings) -> list[Result]:
@@ -270,22 +296,26 @@ def end_to_end(alt, ref, s: Settings) -> list[Result]:
 
 def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
     """End to end with altdiff's compile=True (UNet, text encoder, VAE decoder, safety checker) against
-    diffusers with its UNet compiled (`_compiled`), then against diffusers as it comes (eager) (opt-in).
-    The first calls, which compile, are timed apart (the note) and are the only warm-up."""
-    shape = f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}"
-    _compiled(alt, ref, s)
-    try:
+    diffusers with its UNet compiled (`_compile_diffusers`), and both eager, in the same rounds (opt-in)."""
+    _compile_diffusers(ref, s)
+    common = _e2e(alt, ref, s.size, s.steps)
+
+    def alt_run(compile: bool):
+        def run():
+            alt.compile = compile
+            return common["altdiff"]()
+        return run
+
+    def ref_compiled():
         with _diffusers_compiled(ref, s):
-            runs = _e2e(alt, ref, s.size, s.steps)
-            note = _first_calls(runs, s)
-            rows = [compare("end to end, compiled", shape, runs, s.device, s.repeats, warmup=0,
-                            error=_uint8_error)]
-        rows.append(compare("end to end, altdiff compiled vs diffusers eager", shape,
-                            _e2e(alt, ref, s.size, s.steps), s.device, s.repeats, warmup=0, error=_uint8_error))
+            return common["diffusers"]()
+    runs = {"altdiff compiled": alt_run(True), "diffusers compiled": ref_compiled,
+            "altdiff eager": alt_run(False), "diffusers eager": common["diffusers"]}
+    try:
+        return _four_way("end to end", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}", runs, s,
+                         _uint8_error)
     finally:
         alt.compile = False
-    rows[0].note = note
-    return rows
 
 
 def throughput(alt, ref, s: Settings) -> Result:

@@ -45,14 +45,17 @@ def test_opt_in_blocks_and_argument_errors(m9_folder, capsys, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     results = main(["--folder", str(m9_folder), "--blocks", "sampler", "e2e_tiled", "unet_compiled",
                     "e2e_compiled", "throughput", *TINY])
-    assert [r.block for r in results] == ["UNet step, compiled", "sampler overhead", "end to end, VAE tiling",
-                                          "end to end, compiled", "end to end, altdiff compiled vs diffusers eager",
-                                          "throughput, batch 8"]
+    four_way = ("compiled", "altdiff compiled vs diffusers eager", "eager (same rounds)")
+    assert [r.block for r in results] == [f"UNet step, {r}" for r in four_way] + [
+        "sampler overhead", "end to end, VAE tiling"] + [f"end to end, {r}" for r in four_way] + [
+        "throughput, batch 8"]
     errors = {r.block: r.error for r in results}
-    assert errors["UNet step, compiled"] < 1e-4 and errors["end to end, VAE tiling"] <= 1
-    assert all(errors[r] <= 1 for r in ("end to end, compiled", "end to end, altdiff compiled vs diffusers eager",
-                                         "throughput, batch 8"))
-    assert "64x64" in results[2].shape and "images/s" in capsys.readouterr().out
+    assert all(errors[f"UNet step, {r}"] < 1e-4 for r in four_way)
+    assert all(errors[f"end to end, {r}"] <= 1 for r in four_way)
+    assert errors["end to end, VAE tiling"] <= 1 and errors["throughput, batch 8"] <= 1
+    assert all(len(r.times["altdiff"]) == 1 for r in results)
+    assert "over own eager: altdiff" in results[0].note and "64x64" in results[4].shape
+    assert "images/s" in capsys.readouterr().out
     assert "load" in ALL_BLOCKS
     for bad in (["--blocks", "nope"], ["--repeats", "0"], ["--device", "tpu"], ["--dtype", "int8"],
                 ["--device", "cpu", "--blocks", "offload"]):

@@ -69,8 +69,12 @@ def test_compiled_pipeline_and_images_equal_eager(m9_folder):
     assert levels(changed, plain.generate("a cat", **GEN).images) <= 1
 
     fast.compile = False  # the next generation runs every module eagerly again
+    forwards = [module.forward for module in regions(fast)]
     fast.generate("a cat", **GEN)
     assert all("forward" not in module.__dict__ for module in regions(fast))
+    fast.compile = True  # and back, keeping what was compiled
+    with fast.running():
+        assert [module.forward for module in regions(fast)] == forwards
 
 
 def test_runner_is_rebuilt_when_weights_dtype_freeu_or_slicing_change(m9_folder, no_inductor):
