@@ -5,7 +5,8 @@
 # 0.35.2, transformers 4.57.6, accelerate for diffusers' offload, ...) travel as wheels in .whl/ (see
 # benchmarks/README.md). Each stage has its own time limit and writes its JSON after every block, so a stage
 # cut short or failing still leaves the others' results in $OUT. The limits add up to ~9.5 minutes, inside
-# one 10-minute device call; the compile stage, the likeliest to run over, goes last.
+# one 10-minute device call; the compile stage (two UNets, then altdiff's text encoder, VAE decoder and
+# safety checker: ~3 minutes of compilation), the likeliest to run over, goes last.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/altdiff-gpu}
 mkdir -p "$OUT"
@@ -19,9 +20,9 @@ torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transfor
 accelerate.__version__)"
 B="python3 -m benchmarks --device cuda --dtype fp16 --tiled-size 2048 --vocab-size 250002"
 stage() { local limit=$1 name=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -25; }
-stage "${T_TESTS:-90}" tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage "${T_EAGER:-170}" eager $B --json "$OUT/eager.json" --blocks text_encoder unet unet_variants vae_decode \
-    safety e2e throughput e2e_tiled
+stage "${T_TESTS:-80}" tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage "${T_EAGER:-150}" eager $B --json "$OUT/eager.json" --blocks text_encoder unet unet_variants vae_decode \
+    safety e2e throughput
 stage "${T_OFFLOAD:-90}" offload $B --json "$OUT/offload.json" --blocks offload --repeats 2
-stage "${T_LOAD:-60}" load $B --json "$OUT/load.json" --blocks load e2e --repeats 2
-stage "${T_COMPILED:-165}" compiled $B --json "$OUT/compiled.json" --blocks unet_compiled e2e_compiled --repeats 3
+stage "${T_LOAD:-55}" load $B --json "$OUT/load.json" --blocks load e2e --repeats 2
+stage "${T_COMPILED:-200}" compiled $B --json "$OUT/compiled.json" --blocks unet_compiled e2e_compiled --repeats 3
