@@ -174,21 +174,22 @@ def test_cli_flags():
         parse(["a cat", "--medvram", "--lowvram"])
 
 
-def test_cli_and_batch_pass_the_offload_mode_to_load(monkeypatch, tmp_path, capsys):
-    from altdiff import batch, cli, pipeline
+def test_cli_batch_and_serve_pass_the_offload_mode_to_load(monkeypatch, tmp_path, capsys, m9_folder):
+    from altdiff import batch, cli, pipeline, serve
 
     seen = []
 
     def fake_load(source, **kwargs):
         seen.append(kwargs["offload"])
         raise ValueError("not loading")
-    monkeypatch.setattr(pipeline, "load", fake_load)
-    monkeypatch.setattr(batch, "load", fake_load)
+    for module in (pipeline, batch, serve):
+        monkeypatch.setattr(module, "load", fake_load)
     assert cli.main(["a cat", "--medvram", "-o", str(tmp_path / "x.png")]) == 2
     requests = tmp_path / "r.jsonl"
     requests.write_text('{"prompt": "a cat", "seed": 1}\n', encoding="utf-8")
-    batch.main([str(requests), "--out", str(tmp_path / "out"), "--lowvram", "--quiet"])
-    assert seen == ["model", "sequential"]
+    cli.main(["batch", str(requests), "--out", str(tmp_path / "out"), "--lowvram", "--quiet"])
+    assert cli.main(["serve", "--model", str(m9_folder), "--medvram", "--port", "1"]) == 2
+    assert seen == ["model", "sequential", "model"]
     assert "not loading" in capsys.readouterr().err
 
 

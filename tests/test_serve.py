@@ -409,7 +409,8 @@ def test_load_every_request_gets_its_image_or_503_and_memory_stays_flat(m9_folde
         assert server.worker.stats["done"] == len(made) + 2  # each accepted request ran once (+ load, hold)
     finally:
         server.close()
-    for seed in (7, 3059):
+    # which 8 of the first 60 got in depends on the threads' order: check one of them and one later image
+    for seed in (min(made), 3059):
         assert np.array_equal(pixels(made[seed]), pixels(make(pipe, "a cat", num_inference_steps=1, width=32,
                                                               height=32, sampler="euler_a", seed=[seed],
                                                               negative_prompt="")[0]))
