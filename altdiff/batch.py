@@ -216,9 +216,9 @@ class Runner:
         return {"entry": [json.dumps(e, ensure_ascii=False) for e in entries]}
 
 
-def _ray_gpus_per_worker(num_gpus_per_worker: float | None) -> float:
-    """Joins (or starts) the Ray cluster; the GPUs per worker: as asked, or 1 when the cluster has GPUs and
-    0 when it has none."""
+def ray_gpus_per_actor(requested: float | None, flag: str, actors: int = 1) -> float:
+    """Joins (or starts) the Ray cluster; the GPUs per actor (batch worker, serve replica): as asked, or 1
+    when the cluster has GPUs and 0 when it has none."""
     try:
         import ray
     except ImportError:
@@ -226,12 +226,13 @@ def _ray_gpus_per_worker(num_gpus_per_worker: float | None) -> float:
     if not ray.is_initialized():
         ray.init()  # joins the cluster named by RAY_ADDRESS or `ray start`, else starts a local one
     gpus = ray.cluster_resources().get("GPU", 0)
-    if num_gpus_per_worker is None:
+    if requested is None:
         return 1 if gpus else 0
-    if num_gpus_per_worker > gpus:
-        raise ValueError(f"--num-gpus-per-worker: {num_gpus_per_worker} requested but the Ray cluster has "
-                         f"{gpus:g} GPUs (use 0 for CPU workers)")
-    return num_gpus_per_worker
+    if requested * actors > gpus:
+        each = f" for each of {actors}" if actors > 1 else ""
+        raise ValueError(f"{flag}: {requested:g} requested{each} but the Ray cluster has {gpus:g} GPUs (use 0 for "
+                         "CPU workers)")
+    return requested
 
 
 def _run_ray(jobs: list[list[Request]], runner_kwargs: dict, concurrency: int,
@@ -282,7 +283,7 @@ def run(requests_file: str | Path, out: str | Path, *, model: str | None = None,
         raise ValueError(f"--out: {out} exists and is not a folder")
     checks.writable("--out", out)
     if use_ray:
-        num_gpus_per_worker = _ray_gpus_per_worker(num_gpus_per_worker)
+        num_gpus_per_worker = ray_gpus_per_actor(num_gpus_per_worker, "--num-gpus-per-worker")
         # The device the workers will use: the driver (often a CPU-only head node) may have no GPU itself.
         device = device or ("cuda" if num_gpus_per_worker else "cpu")
         device_type = checks.parse_device(device, require_available=False).type

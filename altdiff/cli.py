@@ -1,11 +1,12 @@
-"""The `altdiff` console script: `altdiff "prompt" -o out.png` (PNGs carrying AUTOMATIC1111 infotext) and
-`altdiff batch` (altdiff.batch)."""
+"""The `altdiff` console script and all its subcommands: `altdiff "prompt" -o out.png` (PNGs carrying
+AUTOMATIC1111 infotext), `altdiff batch` (altdiff.batch) and `altdiff serve` (altdiff.serve)."""
 
 from __future__ import annotations
 
 import argparse
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import checks
@@ -120,6 +121,19 @@ def os_error(e: OSError) -> str:
     return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"
 
 
+def reported(prog: str, run: Callable[[], int]) -> int:
+    """`run()`'s exit status, or a one-line error instead of a traceback: 2 for a bad argument, 1 for a failed
+    read or write."""
+    try:
+        return run()
+    except (ValueError, TypeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{prog}: error: {os_error(e)}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["batch"]:  # `altdiff -- batch` still makes an image of the word "batch"
@@ -127,19 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
+
+    def make() -> int:
         _check_args(args)
         paths = output_paths(args.output, args.batch_size * args.batch_count, args.overwrite)
         for folder in dict.fromkeys(p.parent for p in paths):
             checks.writable("-o/--output", folder)
         init = open_image(args.init_image) if args.init_image else None
         return _run(args, paths, init)
-    except (ValueError, TypeError) as e:
-        print(f"altdiff: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"altdiff: error: {os_error(e)}", file=sys.stderr)
-        return 1
+    return reported("altdiff", make)
 
 
 def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
@@ -223,22 +233,18 @@ def batch_main(argv: list[str] | None = None) -> int:
     from . import batch
 
     args = build_batch_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         entries = batch.run(args.requests, args.out, model=args.model, device=args.device, dtype=args.dtype,
                             safety_checker=not args.no_safety_checker, compile=args.compile,
                             cuda_graphs=not args.no_cuda_graphs, offload=args.offload, batch_size=args.batch_size,
                             use_ray=args.ray, concurrency=args.concurrency, num_gpus_per_worker=args.num_gpus_per_worker,
                             verbose=not args.quiet, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
-    except (ValueError, TypeError) as e:
-        print(f"altdiff batch: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"altdiff batch: error: {os_error(e)}", file=sys.stderr)
-        return 1
-    failed = [e for e in entries if e["error"]]
-    print(f"altdiff batch: {len(entries) - len(failed)} requests done, {len(failed)} failed "
-          f"(see {Path(args.out) / batch.MANIFEST})", file=sys.stderr)
-    return 1 if failed else 0
+        failed = [e for e in entries if e["error"]]
+        print(f"altdiff batch: {len(entries) - len(failed)} requests done, {len(failed)} failed "
+              f"(see {Path(args.out) / batch.MANIFEST})", file=sys.stderr)
+        return 1 if failed else 0
+    return reported("altdiff batch", run)
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -278,7 +284,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"altdiff serve: error: {e.name} is not installed (pip install 'altdiff[serve]')", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> int:
         for name in ("port", "max_queue", "max_pixels", "max_steps", "max_batch_size", "max_n_iter", "replicas"):
             if getattr(args, name) < (0 if name == "max_queue" else 1):
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'max_queue' else 1}, "
@@ -294,11 +301,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             serve.run_ray(config, args.host, args.port, args.replicas, args.num_gpus_per_replica)
         else:
             serve.run(config, args.host, args.port)
-    except (ValueError, TypeError) as e:
-        print(f"altdiff serve: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+        return 0
+    return reported("altdiff serve", run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -54,6 +54,7 @@ from torch import nn
 from . import textual_inversion
 from .atomic import atomic_path
 from .checks import all_finite, as_number, is_number, plain
+from .prompts import LoraTag, parse_tags
 from .text_encoder import IGNORED_KEYS
 from .weights import WeightsError, file_hash, file_stamp, read_state_dict
 
@@ -671,65 +672,7 @@ def _peft_config(layers: dict[str, Lora]) -> dict:
             "use_dora": False, "lora_bias": False}
 
 
-# The webui's prompt tags ------------------------------------------------------------------------------------
-
-_TAG = re.compile(r"<(\w+):([^>]+)>")  # modules/extra_networks.py re_extra_net
-LORA_TAGS = ("lora", "lyco")  # the Lora extension registers "lyco" as an alias of "lora"
-
-
-@dataclass(frozen=True)
-class LoraTag:
-    """`<lora:NAME:w>`, `<lora:NAME:te:unet>` or `<lora:NAME:te=w:unet=w>`, read as extra_networks_lora.py
-    reads them: te defaults to 1, unet to te."""
-
-    name: str
-    te: float
-    unet: float
-
-
-def _tag(kind: str, args: str) -> LoraTag:
-    items = args.split(":")
-    named = dict(p.split("=", 1) for p in items if p.count("=") == 1)  # ExtraNetworkParams: "k=v" is named
-    positional = [p for p in items if p.count("=") != 1]
-    text = f"<{kind}:{args}>"
-    if not positional or not positional[0]:
-        raise ValueError(f"prompt: {text} names no LoRA")
-    if len(positional) > 3 or "dyn" in named:
-        raise ValueError(f"prompt: {text}: a DyLoRA dimension (dyn) is not supported")
-    unknown = sorted(set(named) - {"te", "unet"})
-    if unknown:
-        raise ValueError(f"prompt: {text}: unknown setting(s) {unknown}; expected te= and unet=")
-
-    def number(value: str) -> float:
-        try:
-            result = float(value)
-        except ValueError:
-            raise ValueError(f"prompt: {text}: multiplier {value!r} is not a number") from None
-        if not math.isfinite(result):
-            raise ValueError(f"prompt: {text}: multiplier {value!r} is not finite")
-        return result
-    te = number(named.get("te", positional[1] if len(positional) > 1 else "1"))
-    unet = number(named["unet"]) if "unet" in named else number(positional[2]) if len(positional) > 2 else te
-    return LoraTag(positional[0], te, unet)
-
-
-def parse_tags(text: str) -> tuple[str, list[LoraTag]]:
-    """The prompt with every `<name:...>` tag removed (as the webui removes them), and its LoRA tags. A
-    hypernetwork tag is refused (not supported); other names are removed with a warning, as the webui skips
-    networks it does not know."""
-    tags: list[LoraTag] = []
-
-    def found(m: re.Match) -> str:
-        kind, args = m.group(1), m.group(2)
-        if kind in LORA_TAGS:
-            tags.append(_tag(kind, args))
-        elif kind == "hypernet":
-            raise ValueError(f"prompt: {m.group(0)}: hypernetworks are not supported")
-        else:
-            logger.warning("prompt: skipping %s: no extra network called %r", m.group(0), kind)
-        return ""
-    return _TAG.sub(found, text), tags
-
+# The webui's prompt tags (parsed by altdiff.prompts.parse_tags): files, hashes, applying them for one call ----
 
 def find_lora(lora_dir: str | Path, name: str) -> Path:
     """The file `<lora:NAME>` means: a .safetensors/.pt/.ckpt file anywhere under `lora_dir` whose stem is

@@ -13,11 +13,14 @@ chunk, and an image does not depend on the other prompts of its batch. A multi-v
 embedding that would straddle a chunk boundary moves whole into the next chunk, as in the webui's
 sd_hijack_clip.tokenize_line.
 
-`<lora:NAME:w>` tags are read by altdiff.lora.prompt_networks before the prompt gets here.
+`<lora:NAME:w>` tags are taken out of a prompt by `parse_tags` (altdiff.lora.prompt_networks applies them) before
+the rest is read.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -25,6 +28,67 @@ import torch
 
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_TAG = re.compile(r"<(\w+):([^>]+)>")  # modules/extra_networks.py re_extra_net
+LORA_TAGS = ("lora", "lyco")  # the Lora extension registers "lyco" as an alias of "lora"
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """`<lora:NAME:w>`, `<lora:NAME:te:unet>` or `<lora:NAME:te=w:unet=w>`, read as extra_networks_lora.py
+    reads them: te defaults to 1, unet to te."""
+
+    name: str
+    te: float
+    unet: float
+
+
+def _tag(kind: str, args: str) -> LoraTag:
+    items = args.split(":")
+    named = dict(p.split("=", 1) for p in items if p.count("=") == 1)  # ExtraNetworkParams: "k=v" is named
+    positional = [p for p in items if p.count("=") != 1]
+    text = f"<{kind}:{args}>"
+    if not positional or not positional[0]:
+        raise ValueError(f"prompt: {text} names no LoRA")
+    if len(positional) > 3 or "dyn" in named:
+        raise ValueError(f"prompt: {text}: a DyLoRA dimension (dyn) is not supported")
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown:
+        raise ValueError(f"prompt: {text}: unknown setting(s) {unknown}; expected te= and unet=")
+
+    def number(value: str) -> float:
+        try:
+            result = float(value)
+        except ValueError:
+            raise ValueError(f"prompt: {text}: multiplier {value!r} is not a number") from None
+        if not math.isfinite(result):
+            raise ValueError(f"prompt: {text}: multiplier {value!r} is not finite")
+        return result
+    te = number(named.get("te", positional[1] if len(positional) > 1 else "1"))
+    unet = number(named["unet"]) if "unet" in named else number(positional[2]) if len(positional) > 2 else te
+    return LoraTag(positional[0], te, unet)
+
+
+def parse_tags(text: str) -> tuple[str, list[LoraTag]]:
+    """The prompt with every `<name:...>` tag removed (as the webui removes them), and its LoRA tags. A
+    hypernetwork tag is refused (not supported); other names are removed with a warning, as the webui skips
+    networks it does not know."""
+    tags: list[LoraTag] = []
+
+    def found(m: re.Match) -> str:
+        kind, args = m.group(1), m.group(2)
+        if kind in LORA_TAGS:
+            tags.append(_tag(kind, args))
+        elif kind == "hypernet":
+            raise ValueError(f"prompt: {m.group(0)}: hypernetworks are not supported")
+        else:
+            logger.warning("prompt: skipping %s: no extra network called %r", m.group(0), kind)
+        return ""
+    return _TAG.sub(found, text), tags
+
+
 
 _ATTENTION = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|     # escapes, and a lone backslash

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__, checks, webui
+from .batch import ray_gpus_per_actor
 from .config import ConfigError
 from .generate import generate
 from .images import encode_png, save_png
@@ -639,19 +640,11 @@ def run_ray(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860, repl
             num_gpus_per_replica: float | None = None, blocking: bool = True):
     """The same app on Ray Serve: `replicas` copies, each with its own worker and pipeline (one GPU each
     when the cluster has GPUs). /progress and /interrupt reach whichever replica the proxy picks."""
+    num_gpus_per_replica = ray_gpus_per_actor(num_gpus_per_replica, "--num-gpus-per-replica", replicas)
     try:
-        import ray
         from ray import serve
     except ImportError:
         raise ValueError("--ray: Ray Serve is not installed (pip install 'altdiff[ray]')") from None
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster named by RAY_ADDRESS or `ray start`, else starts a local one
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if num_gpus_per_replica is None:
-        num_gpus_per_replica = 1 if gpus else 0
-    if num_gpus_per_replica * replicas > gpus:
-        raise ValueError(f"--replicas: {replicas} replicas x {num_gpus_per_replica:g} GPUs is more than the Ray "
-                         f"cluster's {gpus:g} GPUs")
 
     def build_app():  # runs in each replica (Ray Serve calls plain functions as app builders)
         return create_app(config)
