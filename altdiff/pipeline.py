@@ -320,7 +320,10 @@ def _load(source, device: torch.device, dtype: torch.dtype, variant, safety_chec
         parts = {name: read(folder / name, dtype=dtype, device=device, variant=variant)
                  for name, read in readers.items()}
     else:
-        # One thread per component: one file pages in while another's tensors are copied to the GPU.
+        # One thread per component: one file pages in while another's tensors are copied to the GPU. "cuda"
+        # is this thread's current GPU, made explicit (a new thread's current GPU is GPU 0).
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         with ThreadPoolExecutor(len(readers)) as pool:
             futures = {name: pool.submit(read, folder / name, dtype=dtype, device=device, variant=variant)
                        for name, read in readers.items()}
