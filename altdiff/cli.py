@@ -280,12 +280,15 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = build_serve_parser().parse_args(argv)
     try:
         from . import serve
+        from .offload import execution_device
         from .webui import Limits
     except ImportError as e:
         print(f"altdiff serve: error: {e.name} is not installed (pip install 'altdiff[serve]')", file=sys.stderr)
         return 2
 
     def run() -> int:
+        if args.offload is not None:  # before any model, so the error names the flag, not --model
+            execution_device(args.device, None, "--medvram/--lowvram")
         for name in ("port", "max_queue", "max_pixels", "max_steps", "max_batch_size", "max_n_iter", "replicas"):
             if getattr(args, name) < (0 if name == "max_queue" else 1):
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'max_queue' else 1}, "

@@ -188,9 +188,14 @@ def test_cli_batch_and_serve_pass_the_offload_mode_to_load(monkeypatch, tmp_path
     requests = tmp_path / "r.jsonl"
     requests.write_text('{"prompt": "a cat", "seed": 1}\n', encoding="utf-8")
     cli.main(["batch", str(requests), "--out", str(tmp_path / "out"), "--lowvram", "--quiet"])
-    assert cli.main(["serve", "--model", str(m9_folder), "--medvram", "--port", "1"]) == 2
+    with monkeypatch.context() as m:  # serve checks the device first; no GPU is needed to see the flag reach load
+        m.setattr(offload, "execution_device", lambda *args: None)
+        assert cli.main(["serve", "--model", str(m9_folder), "--medvram", "--port", "1"]) == 2
     assert seen == ["model", "sequential", "model"]
     assert "not loading" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(m9_folder), "--lowvram", "--device", "cpu"]) == 2
+    assert "altdiff serve: error: --medvram/--lowvram: device must be a GPU" in capsys.readouterr().err
+    assert seen == ["model", "sequential", "model"]  # refused before loading
 
 
 def test_safety_checker_is_read_on_first_use(m9_folder, tmp_path):
