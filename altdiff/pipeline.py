@@ -141,7 +141,7 @@ class Pipeline:
         checker = self.__dict__.get("_safety_checker")
         if self.compile:
             checker = self.safety_checker  # compile it for the first image too
-        regions = [self.text_encoder.roberta, self.vae.decoder]
+        regions = [self.text_encoder.roberta.encoder, self.vae.decoder]
         set_compiled(regions + ([checker.vision_model] if isinstance(checker, SafetyChecker) else []),
                      self.compile)
         with released(self):

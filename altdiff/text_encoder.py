@@ -66,12 +66,25 @@ class Layer(nn.Module):
         return self.output["LayerNorm"](x + h)
 
 
+class Encoder(nn.Module):
+    """The layer stack (`encoder.layer.N` in checkpoints). compile=True compiles this, not the embeddings: a
+    per-call textual-inversion embedding replaces the word-embedding table, which must not force a recompile."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_layers: int) -> torch.Tensor:
+        for layer in self.layer[:num_layers]:
+            x = layer(x, mask)
+        return x
+
+
 class Roberta(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.embeddings = Embeddings(cfg)
-        layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.encoder = nn.ModuleDict({"layer": layers})
+        self.encoder = Encoder(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int) -> torch.Tensor:
         """The hidden state after the embeddings and the first `num_layers` layers."""
@@ -81,9 +94,7 @@ class Roberta(nn.Module):
             # transformers' extended mask: 0 where attended, the dtype's most negative value where padded.
             keep = attention_mask.to(device=x.device, dtype=x.dtype)[:, None, None, :]
             mask = (1.0 - keep) * torch.finfo(x.dtype).min
-        for layer in self.encoder["layer"][:num_layers]:
-            x = layer(x, mask)
-        return x
+        return self.encoder(x, mask, num_layers)
 
 
 class TextEncoder(nn.Module):

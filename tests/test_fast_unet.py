@@ -39,14 +39,14 @@ def unet_inputs(pipe, batch=2, side=8):
 
 
 def regions(pipe):
-    return [pipe.text_encoder.roberta, pipe.vae.decoder, pipe.safety_checker.vision_model]
+    return [pipe.text_encoder.roberta.encoder, pipe.vae.decoder, pipe.safety_checker.vision_model]
 
 
 def levels(a, b) -> float:
     return np.abs(np.round(a * 255) - np.round(b * 255)).max()
 
 
-def test_compiled_pipeline_and_images_equal_eager(m9_folder):
+def test_compiled_pipeline_and_images_equal_eager(m9_folder, tmp_path):
     fast = altdiff.load(m9_folder, device="cpu", compile=True)
     plain = altdiff.load(m9_folder, device="cpu")
     image = fast.generate("a cat", **GEN).images
@@ -58,6 +58,20 @@ def test_compiled_pipeline_and_images_equal_eager(m9_folder):
     x, t, c = unet_inputs(fast)
     with torch.inference_mode():
         assert max_abs(fast.unet_runner()(x, t, c), plain.unet(x, t, c)) < 1e-5
+
+    # A per-call embedding grows the word-embedding table, which sits outside the compiled layer stack: the
+    # compiled text encoder is kept (not compiled again), and the image still equals eager's.
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    width = fast.text_encoder.roberta.embeddings.word_embeddings.weight.shape[1]
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0)) * 3
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "x"}, folder / "shiny.pt")
+    text_encoder = regions(fast)[0].__dict__["forward"]
+    compiled_text_encoder = text_encoder.fn
+    shiny = fast.generate("a shiny cat", embeddings_dir=folder, **GEN).images
+    assert text_encoder.fn is compiled_text_encoder and not text_encoder.failed
+    assert levels(shiny, image) > 5
+    assert levels(shiny, plain.generate("a shiny cat", embeddings_dir=folder, **GEN).images) <= 1
 
     # An in-place weight change (as fuse_lora makes) recompiles: frozen code holding the old weights is not
     # reused. The change moves the image by many levels, and compiled still equals eager.
