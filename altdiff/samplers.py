@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .noise import Generator, randn_tensor
+from .rng import Generator, randn_tensor
 from .schedules import Schedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -19,7 +19,7 @@ from torch import nn
 from .attention import attention
 from .checks import is_int, is_number, plain
 from .config import VAEConfig
-from .noise import Generator, randn_tensor
+from .rng import Generator, randn_tensor
 from .resnet import Downsample, ResnetBlock, Upsample
 from .weights import find_weights, load_module, open_weights
 

@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .checks import SEED_MAX, is_int, is_number
 from .images import image_infotext, parse_infotext, to_rgb
-from .noise import randn_tensor
+from .rng import randn_tensor, slerp
 
 # The webui's sampler names, aliases and options (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py)
 # for the samplers altdiff has, and the altdiff sampler each schedule ("automatic" is the sampler's own
@@ -299,19 +299,6 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
 
 
 # --- generation ----------------------------------------------------------------------------------------------
-
-def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """modules/rng.py's slerp, as the webui runs it on one image's (C, H, W) noise: normalised over dim 1,
-    falling back to its (reversed) lerp when the noises are nearly parallel."""
-    low_norm = low / torch.norm(low, dim=1, keepdim=True)
-    high_norm = high / torch.norm(high, dim=1, keepdim=True)
-    dot = (low_norm * high_norm).sum(1)
-    if dot.mean() > 0.9995:
-        return low * val + high * (1 - val)
-    omega = torch.acos(dot)
-    so = torch.sin(omega)
-    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
-
 
 def variation_latents(shape: tuple[int, ...], seeds: list[int], subseeds: list[int], strength: float) -> torch.Tensor:
     """Initial noise of a batch with variation seeds, as the webui's ImageRNG.first: per image, the seed's and

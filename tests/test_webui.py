@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from altdiff import webui
-from altdiff.noise import randn_tensor
+from altdiff.rng import randn_tensor
 
 OPTIONS = {"sd_model_checkpoint": "m9", "CLIP_stop_at_last_layers": 1}
 
