@@ -25,7 +25,8 @@ from . import checks
 from .atomic import atomic_path
 from .checks import is_int
 from .generate import generate
-from .images import image_infotext, open_image, save_png
+from .images import open_image, save_png
+from .infotext import image_infotext
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .schedules import sampler_for_config
 

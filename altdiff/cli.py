@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import checks
-from .images import SAMPLER_LABELS, image_infotext, open_image, save_png
+from .images import open_image, save_png
+from .infotext import SAMPLER_LABELS, image_infotext
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -150,58 +148,6 @@ def postprocess(image: torch.Tensor, output_type: str, do_denormalize: Sequence[
     if output_type == "np":
         return arr
     return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
-
-
-# --- AUTOMATIC1111 "parameters" infotext -------------------------------------------------------------------
-
-# The webui's names, so infotext pasted into it selects the same sampler.
-SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras"}
-
-_PARAM_RE = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def format_infotext(prompt: str, negative_prompt: str | None, params: dict[str, Any]) -> str:
-    """The webui's text: prompt line(s), "Negative prompt: ..." and one "Key: value, ..." line."""
-    def value(v):
-        v = str(v)
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if ("," in v or ":" in v
-                                                                             or '"' in v) else v
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {value(v)}" for k, v in params.items() if v is not None))
-    return "\n".join(lines)
-
-
-def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: int, sampler: str,
-                   cfg_scale: float, seed: int, model: str, strength: float | None = None,
-                   nsfw: bool = False, extra: dict[str, Any] | None = None) -> str:
-    """The infotext of one generated image, as the CLI, `altdiff batch` and `altdiff serve` write it; `extra`
-    adds fields such as GenerationResult.infotext's "Lora hashes" or the server's "Variation seed"."""
-    params = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": cfg_scale,
-              "Seed": seed, "Size": f"{image.width}x{image.height}", "Model": Path(str(model)).name,
-              "Denoising strength": strength, "NSFW": True if nsfw else None, **(extra or {})}
-    return format_infotext(prompt, negative_prompt, params)
-
-
-def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """Inverse of format_infotext: (prompt, negative_prompt, params as strings)."""
-    *head, last = text.split("\n")
-    if not _PARAM_RE.match(last) or len(_PARAM_RE.findall(last)) < 3:
-        head, last = head + [last], ""
-    prompt_lines, negative_lines, in_negative = [], [], False
-    for line in head:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].lstrip(" ")
-        (negative_lines if in_negative else prompt_lines).append(line)
-    params = {}
-    for key, val in _PARAM_RE.findall(last):
-        if val.startswith('"') and val.endswith('"') and len(val) >= 2:
-            val = re.sub(r"\\(.)", r"\1", val[1:-1])
-        params[key.strip()] = val
-    return "\n".join(prompt_lines), "\n".join(negative_lines), params
 
 
 def _png_info(infotext: str | None) -> PngInfo:

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,8 @@ import torch
 
 from . import __version__
 from .checks import SEED_MAX, is_int, is_number
-from .images import image_infotext, parse_infotext, to_rgb
+from .images import to_rgb
+from .infotext import image_infotext, parse
 from .rng import randn_tensor, slerp
 
 # The webui's sampler names, aliases and options (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py)
@@ -397,18 +397,11 @@ def finish(task: Task, images: list[PIL.Image.Image], nsfw: list[bool], model: s
 
 def png_info(image: PIL.Image.Image) -> dict[str, Any]:
     """POST /sdapi/v1/png-info: the infotext, the image's other text chunks, and the parameters parsed as the
-    webui's parse_generation_parameters does (values as strings, "Size" split into Size-1/Size-2)."""
+    webui's parse_generation_parameters does (infotext.parse: "Size" split into Size-1/Size-2, its defaults)."""
     text = image.info.get("parameters")
     items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
     if not isinstance(text, str):
         return {"info": "", "items": items, "parameters": {}}
-    prompt, negative, params = parse_infotext(text)
-    parameters: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative}
-    for key, value in params.items():
-        size = re.fullmatch(r"(\d+)x(\d+)", value)
-        if size:
-            parameters[f"{key}-1"], parameters[f"{key}-2"] = size.groups()
-        else:
-            parameters[key] = value
-    parameters.setdefault("Clip skip", "1")
+    prompt, negative, params = parse(text)
+    parameters: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative, **params}
     return {"info": text, "items": items, "parameters": parameters}

@@ -9,7 +9,8 @@ import pytest
 
 import altdiff
 from altdiff import batch, cli
-from altdiff.images import parse_infotext, read_infotext
+from altdiff.images import read_infotext
+from altdiff.infotext import parse_infotext
 
 STEPS = 2
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from altdiff import cli
-from altdiff.images import SAMPLER_LABELS, format_infotext, parse_infotext, read_infotext, save_png
+from altdiff.images import read_infotext, save_png
+from altdiff.infotext import SAMPLER_LABELS, format_infotext, parse_infotext
 
 
 def test_cli_writes_png_with_parsable_infotext(m9_folder, tmp_path, capsys):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import altdiff
 from altdiff import lora
-from altdiff.images import parse_infotext
+from altdiff.infotext import parse_infotext
 
 PROMPT = "一只戴着帽子的猫"
 STEPS = 3

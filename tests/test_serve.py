@@ -28,7 +28,7 @@ from test_prompt_networks import kohya_lora
 
 import altdiff
 from altdiff import cli
-from altdiff.images import parse_infotext
+from altdiff.infotext import parse_infotext
 from altdiff.serve import ServeConfig, run_ray
 
 webuiapi = pytest.importorskip("webuiapi")

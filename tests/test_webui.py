@@ -82,6 +82,13 @@ def test_png_info_parses_as_the_webui():
     image.info["Software"] = "x"
     info = webui.png_info(image)
     assert info["items"] == {"Software": "x"}
+    # parse_generation_parameters also fills its defaults (webui 1.10 infotext_utils.py).
     assert info["parameters"] == {"Prompt": "a cat", "Negative prompt": "blurry", "Steps": "20",
                                   "Sampler": "Euler a", "Size-1": "512", "Size-2": "768", "Model": "a, b",
-                                  "Clip skip": "1"}
+                                  "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0,
+                                  "Hires sampler": "Use same sampler", "Hires checkpoint": "Use same checkpoint",
+                                  "Hires prompt": "", "Hires negative prompt": "", "Mask mode": "Inpaint masked",
+                                  "Masked content": "original", "Inpaint area": "Whole picture",
+                                  "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic",
+                                  "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0,
+                                  "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable"}
