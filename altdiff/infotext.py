@@ -339,6 +339,9 @@ _NEUTRAL = {"Version", "Model", "TI hashes", "Init image hash", "NSFW", "User", 
 _AT_DEFAULT = {**{k: str(v) for k, v in {**_DEFAULTS, **_LATE_DEFAULTS}.items()}, "Emphasis": "Original",
                "Token merging ratio": "0", "Token merging ratio hr": "0", "Cache FP16 weight for LoRA": "False",
                "Hires upscale": "1", "Hires steps": "0"}
+# The flags _backcompat sets, with the webui version before which it sets them.
+_BACKCOMPAT = {"Old prompt editing timelines": "v1.6.0", "Pad conds v0": "v1.6.0",
+               "Downcast alphas_cumprod": "v1.7.0-225", "Refiner switch by sampling steps": "v1.8.0"}
 # The webui's latent upscalers; the others are image upscaler models altdiff does not have.
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                     "Latent (nearest)", "Latent (nearest-exact)")
@@ -428,6 +431,9 @@ def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any]
                 names = _lora_names(str(value), lora_dir)
                 kwargs["prompt"] = re.sub(r"<lora:([^:>]+):", lambda m: f"<lora:{names.get(m[1], m[1])}:",
                                           kwargs["prompt"])
+        elif key in _BACKCOMPAT:
+            raise InfotextError(f"{key}: the webui remakes infotexts of Version {params.get('Version')} (older than "
+                                f"{_BACKCOMPAT[key]}) with this old behaviour, which altdiff does not reproduce")
         else:
             raise InfotextError(f"{key}: altdiff does not reproduce this setting (value {value!r})")
     if hires:
