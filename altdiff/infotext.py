@@ -5,7 +5,6 @@ infotext remakes its image. A key for something altdiff does not do is an `Infot
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,8 @@ import PIL.Image
 
 from . import __version__
 from .images import read_infotext
+from .lora import LORA_DIR_SUFFIXES, lora_hash
+from .weights import file_hash
 
 
 class InfotextError(ValueError):
@@ -91,37 +92,12 @@ def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: in
     return format_infotext(prompt, negative_prompt, params)
 
 
-# --- file hashes (Model hash, Lora hashes) ---------------------------------------------------------------------
-
-_HASHES: dict[tuple[str, int, int, bool], str] = {}
-
-
-def file_sha256(path: str | os.PathLike, *, skip_safetensors_header: bool = False) -> str:
-    """sha256 hex digest of a file, computed once per (path, mtime, size). With skip_safetensors_header, of the
-    tensor data after a safetensors header only: the "addnet" hash the webui gives LoRA files."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size, skip_safetensors_header)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            if skip_safetensors_header:
-                f.seek(8 + int.from_bytes(f.read(8), "little"))
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
+# --- Model hash ----------------------------------------------------------------------------------------------
 
 def model_hash(path: str | os.PathLike) -> str:
-    """The webui's "Model hash": the first 10 hex digits of the checkpoint file's sha256."""
-    return file_sha256(path)[:10]
-
-
-def lora_hash(path: str | os.PathLike) -> str:
-    """The webui's "Lora hashes" entry for a network file: 12 hex digits of its sha256, of the tensor data only
-    for .safetensors (the addnet hash)."""
-    return file_sha256(path, skip_safetensors_header=str(path).endswith(".safetensors"))[:12]
+    """The webui's "Model hash": the first 10 hex digits of the checkpoint file's sha256 (computed once per
+    file version)."""
+    return file_hash(path)[:10]
 
 
 # --- reading -------------------------------------------------------------------------------------------------
@@ -365,7 +341,7 @@ def _lora_names(hashes: str, lora_dir: str | os.PathLike) -> dict[str, str]:
         raise InfotextError(f"Lora hashes: {folder} is not a folder")
     by_hash = {}
     for path in sorted(folder.rglob("*")):
-        if path.suffix in (".safetensors", ".pt", ".ckpt") and path.is_file():
+        if path.suffix.lower() in LORA_DIR_SUFFIXES and path.is_file():
             by_hash.setdefault(lora_hash(path), path.stem)
     names = {}
     for entry in hashes.split(","):
