@@ -21,8 +21,8 @@ from . import checks, prompts
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .lora import prompt_networks, text_encoder_scale
-from .rng import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
+from .rng import randn_tensor
 from .samplers import get_sampler
 from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
 

@@ -33,13 +33,13 @@ SAMPLER_LABELS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler"
 SCHEDULE_TYPES = [("automatic", "Automatic", ()), ("uniform", "Uniform", ()), ("karras", "Karras", ()),
                   ("exponential", "Exponential", ()), ("polyexponential", "Polyexponential", ()),
                   ("sgm_uniform", "SGM Uniform", ("SGMUniform",)), ("kl_optimal", "KL Optimal", ()),
-                  ("align_your_steps", "Align Your Steps", ()), ("simple", "Simple", ()), ("normal", "Normal", ()),
-                  ("ddim", "DDIM", ()), ("beta", "Beta", ())]
+                  ("align_your_steps", "Align Your Steps", ()), ("simple", "Simple", ()),
+                  ("normal", "Normal", ()), ("ddim", "DDIM", ()), ("beta", "Beta", ())]
 _SCHEDULE_LABELS = {**{name: label for name, label, _ in SCHEDULE_TYPES},
                     **{label: label for _, label, _ in SCHEDULE_TYPES}}
 
 
-# --- writing -------------------------------------------------------------------------------------------------
+# --- writing ------------------------------------------------------------------------------------------------
 
 def quote(value: Any) -> str:
     """infotext_utils.quote: JSON-quoted when it holds ',', ':' or a newline. Also when it starts with '"',
@@ -63,15 +63,15 @@ def write(prompt: str, negative_prompt: str | None = None, *, steps: int, sample
           schedule_type: str = "Automatic", cfg_scale: float, seed: int, width: int, height: int,
           model_hash: str | None = None, model: str | None = None, variation_seed: int | None = None,
           variation_seed_strength: float = 0.0, denoising_strength: float | None = None, clip_skip: int = 1,
-          ensd: int = 0, token_merging_ratio: float = 0.0, rng: str = "GPU", extra: dict[str, Any] | None = None,
-          version: str | None = f"altdiff {__version__}") -> str:
+          ensd: int = 0, token_merging_ratio: float = 0.0, rng: str = "GPU",
+          extra: dict[str, Any] | None = None, version: str | None = f"altdiff {__version__}") -> str:
     """processing.create_infotext's text, keys in its order. The caller decides what the webui decides from
     the sampler: `ensd` only when the sampler uses it (0 otherwise), and in `extra` (the webui's
     extra_generation_params, written after RNG in their order) e.g. "Hires upscale", "Lora hashes",
     "TI hashes", "Eta" / "Eta DDIM" when not the sampler's default, "NGMS"."""
     params = {
-        "Steps": steps, "Sampler": sampler, "Schedule type": schedule_type, "CFG scale": cfg_scale, "Seed": seed,
-        "Size": f"{width}x{height}", "Model hash": model_hash, "Model": model,
+        "Steps": steps, "Sampler": sampler, "Schedule type": schedule_type, "CFG scale": cfg_scale,
+        "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash, "Model": model,
         "Variation seed": variation_seed if variation_seed_strength else None,
         "Variation seed strength": variation_seed_strength or None,
         "Denoising strength": denoising_strength, "Clip skip": clip_skip if clip_skip > 1 else None,
@@ -92,7 +92,7 @@ def image_infotext(image, prompt: str, negative_prompt: str | None, *, steps: in
     return format_infotext(prompt, negative_prompt, params)
 
 
-# --- Model hash ----------------------------------------------------------------------------------------------
+# --- Model hash ---------------------------------------------------------------------------------------------
 
 def model_hash(path: str | os.PathLike) -> str:
     """The webui's "Model hash": the first 10 hex digits of the checkpoint file's sha256 (computed once per
@@ -100,7 +100,7 @@ def model_hash(path: str | os.PathLike) -> str:
     return file_hash(path)[:10]
 
 
-# --- reading -------------------------------------------------------------------------------------------------
+# --- reading ------------------------------------------------------------------------------------------------
 
 def _is_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
@@ -111,7 +111,8 @@ def _is_key_char(ch: str) -> bool:
 
 
 def _quoted_end(line: str, start: int) -> int:
-    """Index just past a '"..."' value starting at `start` (backslash escapes, at least one character), or -1."""
+    """Index just past a '"..."' value starting at `start` (backslash escapes, at least one character),
+    or -1."""
     i, n = start + 1, len(line)
     while i < n and line[i] != '"':
         i += 2 if line[i] == "\\" else 1
@@ -181,8 +182,9 @@ _DEFAULTS = {"Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires 
              "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "",
              "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
              "Masked area padding": 32}
-_LATE_DEFAULTS = {"RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0, "Schedule min sigma": 0,
-                  "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable"}
+_LATE_DEFAULTS = {"RNG": "GPU", "Schedule type": "Automatic", "Schedule max sigma": 0,
+                  "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full", "VAE Decoder": "Full",
+                  "FP8 weight": "Disable"}
 
 
 def parse(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -300,21 +302,22 @@ def text_of(source: str | os.PathLike | PIL.Image.Image) -> str:
     elif isinstance(source, str):
         return source
     else:
-        raise TypeError(f"infotext: expected a string, a PNG path or a PIL image, got {type(source).__name__}")
+        raise TypeError("infotext: expected a string, a PNG path or a PIL image, "
+                        f"got {type(source).__name__}")
     if not isinstance(text, str):
         raise InfotextError("infotext: the image has no \"parameters\" text")
     return text
 
 
-# --- to generate() -------------------------------------------------------------------------------------------
+# --- to generate() ------------------------------------------------------------------------------------------
 
 # Keys that change no pixels (or, for Clip skip, none in the webui: its XLM-R encoder has no CLIP skip, so the
 # setting is ignored there and here).
 _NEUTRAL = {"Version", "Model", "TI hashes", "Init image hash", "NSFW", "User", "Clip skip"}
 # Keys parse() always fills: accepted at the webui's default, which is what an infotext without them means.
 _AT_DEFAULT = {**{k: str(v) for k, v in {**_DEFAULTS, **_LATE_DEFAULTS}.items()}, "Emphasis": "Original",
-               "Token merging ratio": "0", "Token merging ratio hr": "0", "Cache FP16 weight for LoRA": "False",
-               "Hires upscale": "1", "Hires steps": "0"}
+               "Token merging ratio": "0", "Token merging ratio hr": "0",
+               "Cache FP16 weight for LoRA": "False", "Hires upscale": "1", "Hires steps": "0"}
 # The flags _backcompat sets, with the webui version before which it sets them.
 _BACKCOMPAT = {"Old prompt editing timelines": "v1.6.0", "Pad conds v0": "v1.6.0",
                "Downcast alphas_cumprod": "v1.7.0-225", "Refiner switch by sampling steps": "v1.8.0"}
@@ -322,7 +325,8 @@ _BACKCOMPAT = {"Old prompt editing timelines": "v1.6.0", "Pad conds v0": "v1.6.0
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                     "Latent (nearest)", "Latent (nearest-exact)")
 _HIRES_KEYS = {"Hires upscale", "Hires upscaler", "Hires steps", "Hires resize-1", "Hires resize-2",
-               "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires prompt", "Hires negative prompt"}
+               "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires prompt",
+               "Hires negative prompt"}
 
 
 def _number(params: dict[str, Any], key: str, kind: type = float):
@@ -350,20 +354,23 @@ def _lora_names(hashes: str, lora_dir: str | os.PathLike) -> dict[str, str]:
             raise InfotextError(f"Lora hashes: expected 'name: hash' entries, got {entry.strip()!r}")
         found = by_hash.get(short.strip())
         if found is None:
-            raise InfotextError(f"Lora hashes: no file in {folder} has the hash {short.strip()} of {name.strip()!r}")
+            raise InfotextError(f"Lora hashes: no file in {folder} has the hash {short.strip()} "
+                                f"of {name.strip()!r}")
         names[name.strip().replace(",", "")] = found
     return names
 
 
 def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any], *,
-                       lora_dir: str | os.PathLike | None = None, model_hash: str | None = None) -> dict[str, Any]:
+                       lora_dir: str | os.PathLike | None = None,
+                       model_hash: str | None = None) -> dict[str, Any]:
     """generate() keyword arguments (the webui family) that remake the image of parse()'s result. With
     `lora_dir`, "Lora hashes" finds each network by its hash there and the prompt's <lora:name:...> names
     the file found (what the webui does when pasting); without it the names are used as written. With
     `model_hash`, a different "Model hash" is an error. Hires keys go, as given, into one dict under "hires".
     Any key for something altdiff does not reproduce is an InfotextError naming it."""
     kwargs: dict[str, Any] = {"family": "webui", "prompt": prompt, "negative_prompt": negative_prompt}
-    hires = {key: params[key] for key in _HIRES_KEYS & params.keys() if str(params[key]) != _AT_DEFAULT.get(key)}
+    hires = {key: params[key] for key in _HIRES_KEYS & params.keys()
+             if str(params[key]) != _AT_DEFAULT.get(key)}
     for key, value in params.items():
         if key in _NEUTRAL or key in _HIRES_KEYS or str(value) == _AT_DEFAULT.get(key):
             continue
@@ -405,11 +412,13 @@ def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any]
         elif key == "Lora hashes":
             if lora_dir is not None:
                 names = _lora_names(str(value), lora_dir)
-                kwargs["prompt"] = re.sub(r"<lora:([^:>]+):", lambda m: f"<lora:{names.get(m[1], m[1])}:",
+                kwargs["prompt"] = re.sub(r"<lora:([^:]+):",
+                                          lambda m, found=names: f"<lora:{found.get(m[1], m[1])}:",
                                           kwargs["prompt"])
         elif key in _BACKCOMPAT:
-            raise InfotextError(f"{key}: the webui remakes infotexts of Version {params.get('Version')} (older than "
-                                f"{_BACKCOMPAT[key]}) with this old behaviour, which altdiff does not reproduce")
+            raise InfotextError(f"{key}: the webui remakes infotexts of Version {params.get('Version')} "
+                                f"(older than {_BACKCOMPAT[key]}) with this old behaviour, which altdiff "
+                                "does not reproduce")
         else:
             raise InfotextError(f"{key}: altdiff does not reproduce this setting (value {value!r})")
     if hires:

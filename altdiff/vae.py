@@ -19,8 +19,8 @@ from torch import nn
 from .attention import attention
 from .checks import is_int, is_number, plain
 from .config import VAEConfig
-from .rng import Generator, randn_tensor
 from .resnet import Downsample, ResnetBlock, Upsample
+from .rng import Generator, randn_tensor
 from .weights import find_weights, load_module, open_weights
 
 # diffusers builds every VAE resnet, norm and attention with this epsilon.

@@ -1,5 +1,6 @@
-"""altdiff.infotext: the webui's infotext written and read as the webui >= 1.9 does. Expected texts are written
-by hand in the format the webui documents (its parse_generation_parameters docstring, create_infotext's keys)."""
+"""altdiff.infotext: the webui's infotext written and read as the webui >= 1.9 does. Expected texts are
+written by hand in the format the webui documents (its parse_generation_parameters docstring,
+create_infotext's keys)."""
 
 import hashlib
 import time
@@ -15,21 +16,23 @@ from altdiff.images import save_png
 from altdiff.infotext import InfotextError, model_hash, param_pairs, parse, text_of, to_generate_kwargs, write
 from altdiff.lora import lora_hash
 
-FULL = dict(steps=20, sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=7, seed=1234, width=512, height=768,
-            model_hash="abcdef0123", model="m9", variation_seed=5, variation_seed_strength=0.3, clip_skip=2,
-            ensd=31337, rng="NV", extra={"Lora hashes": "cat: 0123456789ab", "Eta": 0.5}, version="v1.10.1")
+FULL = dict(steps=20, sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=7, seed=1234, width=512,
+            height=768, model_hash="abcdef0123", model="m9", variation_seed=5, variation_seed_strength=0.3,
+            clip_skip=2, ensd=31337, rng="NV", extra={"Lora hashes": "cat: 0123456789ab", "Eta": 0.5},
+            version="v1.10.1")
 
 
 def test_write_is_the_webui_text_in_its_key_order():
     text = write("a cat, (hat:1.2)\nsecond line", "blurry", **FULL)
     assert text == ("a cat, (hat:1.2)\nsecond line\nNegative prompt: blurry\n"
-                    "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
-                    "Model hash: abcdef0123, Model: m9, Variation seed: 5, Variation seed strength: 0.3, "
-                    "Clip skip: 2, ENSD: 31337, RNG: NV, Lora hashes: \"cat: 0123456789ab\", Eta: 0.5, "
-                    "Version: v1.10.1")
+                    "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, "
+                    "Size: 512x768, Model hash: abcdef0123, Model: m9, Variation seed: 5, "
+                    "Variation seed strength: 0.3, Clip skip: 2, ENSD: 31337, RNG: NV, "
+                    "Lora hashes: \"cat: 0123456789ab\", Eta: 0.5, Version: v1.10.1")
     plain = write("a cat", None, steps=20, sampler="Euler a", cfg_scale=7.0, seed=1, width=512, height=512,
                   version=None)
-    assert plain == "a cat\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.0, Seed: 1, Size: 512x512"
+    assert plain == ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.0, Seed: 1, "
+                     "Size: 512x512")
     # JSON quoting for ',', ':' and newlines (and a leading '"', which the webui would misread bare).
     quoted = write("p", "", steps=1, sampler="Euler", cfg_scale=7, seed=1, width=8, height=8, model='a, "b"',
                    extra={"Note": "x\ny", "Q": '"z"'}, version=None)
@@ -39,27 +42,31 @@ def test_write_is_the_webui_text_in_its_key_order():
 def test_write_parse_round_trip_and_generate_kwargs():
     prompt, negative, params = parse(write("a cat\nin a hat", "blurry, lowres", **FULL))
     assert (prompt, negative) == ("a cat\nin a hat", "blurry, lowres")
-    assert params["Size-1"] == "512" and params["Size-2"] == "768" and params["Lora hashes"] == "cat: 0123456789ab"
+    assert params["Size-1"] == "512" and params["Size-2"] == "768"
+    assert params["Lora hashes"] == "cat: 0123456789ab"
     kwargs = to_generate_kwargs(prompt, negative, params)
     assert kwargs == {"family": "webui", "prompt": "a cat\nin a hat", "negative_prompt": "blurry, lowres",
-                      "num_inference_steps": 20, "sampler": "DPM++ 2M", "scheduler": "Karras", "guidance_scale": 7.0,
-                      "seed": 1234, "width": 512, "height": 768, "subseed": 5, "subseed_strength": 0.3,
-                      "eta_noise_seed_delta": 31337, "rng": "NV", "eta": 0.5}
+                      "num_inference_steps": 20, "sampler": "DPM++ 2M", "scheduler": "Karras",
+                      "guidance_scale": 7.0, "seed": 1234, "width": 512, "height": 768, "subseed": 5,
+                      "subseed_strength": 0.3, "eta_noise_seed_delta": 31337, "rng": "NV", "eta": 0.5}
     other = to_generate_kwargs(*parse(write("a cat", "", **{**FULL, "seed": 99, "rng": "CPU"})))
     assert other["seed"] == 99 and other["rng"] == "CPU"
     assert "rng" not in to_generate_kwargs(*parse(write("a", "", **{**FULL, "rng": "GPU"})))
 
 
 def test_parses_the_webui_docstring_example():
-    text = ("girl with an artist's beret, determined, blue eyes, desert scene, computer monitors, heavy makeup, "
-            "by Alphonse Mucha and Charlie Bowater, ((eyeshadow)), (coquettish), detailed, intricate\n"
-            "Negative prompt: ugly, fat, obese, chubby, (((deformed))), [blurry], bad anatomy, disfigured, poorly "
-            "drawn face, mutation, mutated, (extra_limb), (ugly), (poorly drawn hands), messy drawing\n"
+    text = ("girl with an artist's beret, determined, blue eyes, desert scene, computer monitors, "
+            "heavy makeup, by Alphonse Mucha and Charlie Bowater, ((eyeshadow)), (coquettish), detailed, "
+            "intricate\n"
+            "Negative prompt: ugly, fat, obese, chubby, (((deformed))), [blurry], bad anatomy, disfigured, "
+            "poorly drawn face, mutation, mutated, (extra_limb), (ugly), (poorly drawn hands), "
+            "messy drawing\n"
             "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b")
     prompt, negative, params = parse(text)
     assert prompt.startswith("girl with") and prompt.endswith("intricate")
     assert negative.startswith("ugly, fat") and negative.endswith("messy drawing")
-    assert {k: params[k] for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size-1", "Size-2", "Model hash")} == {
+    keys = ("Steps", "Sampler", "CFG scale", "Seed", "Size-1", "Size-2", "Model hash")
+    assert {k: params[k] for k in keys} == {
         "Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "965400086", "Size-1": "512",
         "Size-2": "512", "Model hash": "45dee52b"}
     # the defaults it fills
@@ -70,7 +77,8 @@ def test_parses_the_webui_docstring_example():
 @pytest.mark.parametrize("name, sampler, schedule", [
     ("DPM++ 2M Karras", "DPM++ 2M", "Karras"), ("DPM2 a Karras", "DPM2 a", "Karras"),
     ("LMS Karras", "LMS", "Karras"), ("DPM++ 2M SDE Exponential", "DPM++ 2M SDE", "Exponential"),
-    ("DPM++ SDE karras", "DPM++ SDE", "Karras"), ("Euler a", "Euler a", "Automatic"), ("DDIM", "DDIM", "Automatic"),
+    ("DPM++ SDE karras", "DPM++ SDE", "Karras"), ("Euler a", "Euler a", "Automatic"),
+    ("DDIM", "DDIM", "Automatic"),
     ("DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun", "Automatic")])
 def test_old_sampler_names_split_into_sampler_and_schedule_type(name, sampler, schedule):
     _, _, params = parse(f"x\nSteps: 20, Sampler: {name}, CFG scale: 7, Seed: 1")
@@ -98,7 +106,8 @@ def test_parse_details_as_the_webui():
     assert param_pairs("x y: 1, -z: 2,  Hires CFG/x-y: 3,k:4") == [("x y", "1"), ("Hires CFG/x-y", "3")]
     assert param_pairs(r'a b c, dd: "q,\"r", ee: "x" y, f') == [("dd", r'"q,\"r"'), ("ee", '"x" y')]
     _, _, hyper = parse("p\nSteps: 1, Seed: 2, Hypernet: h1")
-    assert parse("p\nSteps: 1, Seed: 2, Hypernet: h1")[0] == "p<hypernet:h1:1.0>" and hyper["Hypernet"] == "h1"
+    assert parse("p\nSteps: 1, Seed: 2, Hypernet: h1")[0] == "p<hypernet:h1:1.0>"
+    assert hyper["Hypernet"] == "h1"
 
 
 def test_old_hires_fix_and_version_backcompat():
@@ -121,8 +130,8 @@ def test_hires_keys_go_into_one_dict():
             "Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent (nearest-exact)")
     kwargs = to_generate_kwargs(*parse(text))
     assert "strength" not in kwargs
-    assert kwargs["hires"] == {"Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent (nearest-exact)",
-                               "Denoising strength": 0.55}
+    assert kwargs["hires"] == {"Hires upscale": "2", "Hires steps": "10",
+                               "Hires upscaler": "Latent (nearest-exact)", "Denoising strength": 0.55}
     img2img = to_generate_kwargs(*parse("p\nSteps: 20, Sampler: Euler, Seed: 1, Denoising strength: 0.55"))
     assert img2img["strength"] == 0.55 and "hires" not in img2img
 
@@ -131,7 +140,8 @@ def test_hires_keys_go_into_one_dict():
     ("Face restoration: CodeFormer", "Face restoration"), ("Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+",
                                                             "Hires upscaler"),
     ("Seed resize from: 640x448", "Seed resize from-1"), ("Token merging ratio: 0.5", "Token merging ratio"),
-    ("RNG: cuda", "RNG"), ("Steps: abc", "Steps"), ("Tiling: True", "Tiling"), ("Emphasis: No norm", "Emphasis"),
+    ("RNG: cuda", "RNG"), ("Steps: abc", "Steps"), ("Tiling: True", "Tiling"),
+    ("Emphasis: No norm", "Emphasis"),
     ("VAE Decoder: TAESD", "VAE Decoder"), ("Schedule rho: 5", "Schedule rho")])
 def test_keys_altdiff_does_not_reproduce_are_errors_naming_the_key(extra, key):
     with pytest.raises(InfotextError, match=f"^{key}:"):
@@ -158,9 +168,10 @@ def test_model_hash_is_the_webui_short_sha256(tmp_path):
 def test_lora_hashes_find_the_files_in_the_folder(tmp_path):
     save_file({"w": torch.ones(3)}, str(tmp_path / "kitty.safetensors"))
     save_file({"w": torch.zeros(3)}, str(tmp_path / "doggo.safetensors"))
+    hashes = (f"cat: {lora_hash(tmp_path / 'kitty.safetensors')}, "
+              f"dog: {lora_hash(tmp_path / 'doggo.safetensors')}")
     text = write("a <lora:cat:0.8> and <lora:dog:1>", "", steps=20, sampler="Euler", cfg_scale=7, seed=1,
-                 width=64, height=64, extra={"Lora hashes": f"cat: {lora_hash(tmp_path / 'kitty.safetensors')}, "
-                                                           f"dog: {lora_hash(tmp_path / 'doggo.safetensors')}"})
+                 width=64, height=64, extra={"Lora hashes": hashes})
     kwargs = to_generate_kwargs(*parse(text), lora_dir=tmp_path)
     assert kwargs["prompt"] == "a <lora:kitty:0.8> and <lora:doggo:1>"
     assert to_generate_kwargs(*parse(text))["prompt"] == "a <lora:cat:0.8> and <lora:dog:1>"  # no folder
@@ -182,7 +193,8 @@ def test_long_lines_parse_in_linear_time():
 @given(st.text(alphabet=st.sampled_from(list('ab :,"\\\n-/x1') + ["\t", "é"]), max_size=80))
 def test_parse_never_raises(text):
     prompt, negative, params = parse(text)
-    assert isinstance(prompt, str) and isinstance(negative, str) and "RNG" in params and "Schedule type" in params
+    assert isinstance(prompt, str) and isinstance(negative, str)
+    assert "RNG" in params and "Schedule type" in params
 
 
 def test_text_of_reads_pngs_and_images(tmp_path):

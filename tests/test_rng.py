@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from altdiff.rng import (BrownianTreeNoise, ImageRNG, PhiloxGenerator, create_generator, philox4x32_10,
-                         rng_noise_sampler, slerp)
+from altdiff.rng import (
+    BrownianTreeNoise,
+    ImageRNG,
+    PhiloxGenerator,
+    create_generator,
+    philox4x32_10,
+    rng_noise_sampler,
+    slerp,
+)
 
 SHAPE = (4, 8, 6)
 
