@@ -420,7 +420,8 @@ def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any]
                                 f"(older than {_BACKCOMPAT[key]}) with this old behaviour, which altdiff "
                                 "does not reproduce")
         else:
-            raise InfotextError(f"{key}: altdiff does not reproduce this setting (value {value!r})")
+            name = key[:-2] if re.fullmatch(r".+-[12]", key) else key  # "WxH" keys were split in two
+            raise InfotextError(f"{name}: altdiff does not reproduce this setting (value {value!r})")
     if hires:
         upscaler = hires.get("Hires upscaler", "Latent")
         if upscaler not in LATENT_UPSCALERS:
