@@ -207,3 +207,22 @@ def test_text_of_reads_pngs_and_images(tmp_path):
         text_of(PIL.Image.new("RGB", (8, 8)))
     with pytest.raises(TypeError, match="infotext"):
         text_of(3)
+
+
+line = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=30).map(str.strip)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompt=st.lists(line.filter(lambda s: not s.startswith("Negative prompt:")), max_size=3),
+       negative=st.lists(line, max_size=2), model=line.filter(bool), seed=st.integers(0, 2**32),
+       cfg=st.floats(1, 30, allow_nan=False), strength=st.floats(0, 1))
+def test_write_parse_round_trip_any_text(prompt, negative, model, seed, cfg, strength):
+    prompt, negative = "\n".join(prompt).strip(), "\n".join(negative).strip()
+    text = write(prompt, negative, steps=20, sampler="Euler", cfg_scale=cfg, seed=seed, width=512, height=512,
+                 model=model, variation_seed=seed + 1, variation_seed_strength=strength)
+    got_prompt, got_negative, params = parse(text)
+    assert (got_prompt, got_negative) == (prompt, negative)
+    assert params["Model"] == model and params["Seed"] == str(seed) and params["CFG scale"] == str(cfg)
+    kwargs = to_generate_kwargs(got_prompt, got_negative, params)
+    assert kwargs["seed"] == seed and kwargs["guidance_scale"] == cfg
+    assert kwargs.get("subseed_strength", 0.0) == strength
