@@ -211,7 +211,7 @@ def parse(text: str) -> tuple[str, str, dict[str, Any]]:
         if not value:  # the webui's v[0] raises on an empty value and the key is dropped
             continue
         value = unquote(value) if value[0] == '"' and value[-1] == '"' else value
-        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        size = re.match(r"^(\d+)x(\d+)$", value)  # the webui's re_imagesize
         if size:
             params[f"{key}-1"], params[f"{key}-2"] = size.groups()
         else:
