@@ -44,7 +44,8 @@ def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: fl
     """(sigma_down, sigma_up): the noise level to step down to and the noise to add back."""
     if not eta:
         return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    variance = sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2
+    sigma_up = min(sigma_to, eta * variance ** 0.5)
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
     return sigma_down, sigma_up
 
@@ -92,8 +93,9 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
 
 
 @torch.no_grad()
-def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
-                           callback: Callback | None = None, disable: bool | None = None, eta: float = 1.0,
+def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
+                           extra_args: dict | None = None, callback: Callback | None = None,
+                           disable: bool | None = None, eta: float = 1.0,
                            s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """Ancestral sampling with Euler steps."""
     extra_args = {} if extra_args is None else extra_args
@@ -161,8 +163,9 @@ def _dpm_2_step(model, x, d, sigma, sigma_next, s_in, extra_args) -> torch.Tenso
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
-                           callback: Callback | None = None, disable: bool | None = None, eta: float = 1.0,
+def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
+                           extra_args: dict | None = None, callback: Callback | None = None,
+                           disable: bool | None = None, eta: float = 1.0,
                            s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """Ancestral sampling with DPM-Solver-2 steps."""
     extra_args = {} if extra_args is None else extra_args
@@ -207,9 +210,10 @@ def _t_fn(sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
-                              callback: Callback | None = None, disable: bool | None = None, eta: float = 1.0,
-                              s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor,
+                              extra_args: dict | None = None, callback: Callback | None = None,
+                              disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
+                              noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """Ancestral sampling with DPM-Solver++(2S) steps."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
@@ -312,11 +316,13 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, ext
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                    phi = (-h - eta_h).expm1().neg() / (-h - eta_h) + 1
+                    x = x + phi * (1 / r) * (denoised - old_denoised)
                 else:
                     x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
             if eta:
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+                scale = (-2 * eta_h).expm1().neg().sqrt()
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * scale * s_noise
         old_denoised = denoised
         h_last = h
     return x
@@ -357,7 +363,8 @@ def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, ext
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
             if eta:
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                scale = (-2 * h * eta).expm1().neg().sqrt()
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * scale * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -422,12 +429,12 @@ def _check_sigma_range(sigma_min, sigma_max) -> None:
 
 @torch.no_grad()
 def sample_dpm_fast(model: Model, x: torch.Tensor, sigma_min: float, sigma_max: float, n: int,
-                    extra_args: dict | None = None, callback: Callback | None = None, disable: bool | None = None,
-                    eta: float = 0.0, s_noise: float = 1.0,
+                    extra_args: dict | None = None, callback: Callback | None = None,
+                    disable: bool | None = None, eta: float = 0.0, s_noise: float = 1.0,
                     noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """DPM-Solver-Fast: n model calls in steps of order 3 (then 2 / 1), evenly spaced in log-sigma.
 
-    Like k-diffusion it draws one noise per step even at eta 0 (then scaled by 0) when a noise sampler is given.
+    Like k-diffusion it draws one noise per step even at eta 0 (scaled by 0) when a noise sampler is given.
     """
     _check_sigma_range(sigma_min, sigma_max)
     if eta:
@@ -542,7 +549,7 @@ def sample_dpm_adaptive(model: Model, x: torch.Tensor, sigma_min: float, sigma_m
 
 @dataclass(frozen=True)
 class KSampler:
-    """One row of the webui's samplers_k_diffusion: its function, aliases and options, as the webui lists them."""
+    """One row of the webui's samplers_k_diffusion: function, aliases and options as the webui lists them."""
 
     label: str
     function: Callable[..., torch.Tensor]
@@ -554,7 +561,8 @@ _ROWS = (
     ("DPM++ 2M", sample_dpmpp_2m, ("k_dpmpp_2m",), {"scheduler": "karras"}),
     ("DPM++ SDE", sample_dpmpp_sde, ("k_dpmpp_sde",),
      {"scheduler": "karras", "second_order": True, "brownian_noise": True}),
-    ("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",), {"scheduler": "exponential", "brownian_noise": True}),
+    ("DPM++ 2M SDE", sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",),
+     {"scheduler": "exponential", "brownian_noise": True}),
     ("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun",),
      {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}),
     ("DPM++ 2S a", sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",),
@@ -565,7 +573,8 @@ _ROWS = (
     ("Euler", sample_euler, ("k_euler",), {}),
     ("LMS", sample_lms, ("k_lms",), {}),
     ("Heun", sample_heun, ("k_heun",), {"second_order": True}),
-    ("DPM2", sample_dpm_2, ("k_dpm_2",), {"scheduler": "karras", "discard_next_to_last_sigma": True, "second_order": True}),
+    ("DPM2", sample_dpm_2, ("k_dpm_2",),
+     {"scheduler": "karras", "discard_next_to_last_sigma": True, "second_order": True}),
     ("DPM2 a", sample_dpm_2_ancestral, ("k_dpm_2_a",),
      {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True}),
     ("DPM fast", sample_dpm_fast, ("k_dpm_fast",), {"uses_ensd": True}),

@@ -59,7 +59,8 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 
 def compvis_denoiser(unet: Callable[..., torch.Tensor], alphas_cumprod: torch.Tensor,
                      prediction_type: str = "epsilon") -> Callable[..., torch.Tensor]:
-    """k-diffusion's CompVisDenoiser (epsilon) or CompVisVDenoiser (v_prediction) around `unet(x_in, t, **kw)`.
+    """k-diffusion's CompVisDenoiser (epsilon) or CompVisVDenoiser (v_prediction) around `unet(x_in, t, **kw)`
+    (the UNet's eps or v prediction).
 
     The returned `denoise(x, sigma, **kw)` feeds the UNet `x / sqrt(sigma^2 + 1)` at the fractional t of
     each sigma (one per batch row) and returns the predicted x0.
@@ -159,8 +160,8 @@ def ddim(n: int, sigma_min: float, sigma_max: float, model_sigmas: torch.Tensor)
 
 def beta(n: int, sigma_min: float, sigma_max: float, model_sigmas: torch.Tensor | None = None,
          alpha: float = BETA_DIST_ALPHA, beta_: float = BETA_DIST_BETA) -> torch.Tensor:
-    """Lee et al. 2024: sigma_min + ppf(q) * (sigma_max - sigma_min) for q evenly from 1 to 0, where ppf is the
-    Beta(alpha, beta_) quantile (the webui's scipy.stats.beta.ppf, here `beta_ppf`)."""
+    """Lee et al. 2024: sigma_min + ppf(q) * (sigma_max - sigma_min) for q evenly from 1 to 0, where ppf is
+    the Beta(alpha, beta_) quantile (the webui's scipy.stats.beta.ppf, here `beta_ppf`)."""
     quantiles = [beta_ppf(float(q), alpha, beta_) for q in 1 - np.linspace(0, 1, n)]
     return torch.FloatTensor([sigma_min + (x * (sigma_max - sigma_min)) for x in quantiles] + [0.0])
 
@@ -174,7 +175,9 @@ def _beta_cf(x: float, a: float, b: float) -> float:
     h = d
     for m in range(1, 1000):
         m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        even = m * (b - m) * x / ((qam + m2) * (a + m2))
+        odd = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        for aa in (even, odd):
             d = 1.0 + aa * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + aa / c
@@ -245,7 +248,7 @@ SCHEDULE_TYPES: tuple[ScheduleType, ...] = (
 
 
 def find_schedule_type(name: str) -> ScheduleType:
-    """The schedule type called `name` (its name, label or an alias, any case); ValueError listing the choices."""
+    """The schedule type called `name` (name, label or alias, any case); ValueError listing the choices."""
     if isinstance(name, str):
         key = name.casefold()
         for schedule in SCHEDULE_TYPES:
@@ -257,7 +260,8 @@ def find_schedule_type(name: str) -> ScheduleType:
 
 
 def webui_sigmas(schedule_type: str | None, steps: int, model_sigmas: torch.Tensor,
-                 discard_next_to_last_sigma: bool = False, sampler_scheduler: str | None = None) -> torch.Tensor:
+                 discard_next_to_last_sigma: bool = False,
+                 sampler_scheduler: str | None = None) -> torch.Tensor:
     """The webui's KDiffusionSampler.get_sigmas for `steps` steps (float32, CPU).
 
     "Automatic" (or None) means the sampler's own `scheduler` option (`sampler_scheduler`), and with none

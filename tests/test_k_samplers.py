@@ -50,7 +50,7 @@ COND = torch.linspace(-0.5, 0.5, 64).view(1, 1, 8, 8).expand(2, 4, 8, 8)
 
 
 def _ours():
-    return k_schedules.compvis_denoiser(lambda x, t, cond: LDM.apply_model(x, t, cond), ALPHAS)
+    return k_schedules.compvis_denoiser(LDM.apply_model, ALPHAS)
 
 
 def _oracle():
@@ -70,13 +70,13 @@ class NoiseSequence:
 
 
 class TorchWithNoise:
-    """k-diffusion's module-level `torch`, with randn_like taken from a NoiseSequence (the webui's TorchHijack)."""
+    """k-diffusion's module-level `torch` with randn_like from a NoiseSequence (the webui's TorchHijack)."""
 
     def __init__(self, noise):
         self.noise = noise
 
     def __getattr__(self, name):
-        return self.noise.__call__ if name == "randn_like" else getattr(torch, name)
+        return getattr(torch, name)
 
     def randn_like(self, x):
         return self.noise()
@@ -92,7 +92,8 @@ def test_sigma_t_conversions_equal_kdiffusion():
     oracle = _oracle()
     torch.testing.assert_close(SIGMAS, oracle.sigmas, rtol=0, atol=0)
     sigma = torch.tensor([14.6, 3.3, 1.0, 0.25, 0.0292, 0.03])
-    torch.testing.assert_close(k_schedules.sigma_to_t(sigma, SIGMAS), oracle.sigma_to_t(sigma), rtol=0, atol=0)
+    ours = k_schedules.sigma_to_t(sigma, SIGMAS)
+    torch.testing.assert_close(ours, oracle.sigma_to_t(sigma), rtol=0, atol=0)
     t = torch.tensor([999.0, 512.25, 100.5, 0.75, 0.0])
     torch.testing.assert_close(k_schedules.t_to_sigma(t, SIGMAS), oracle.t_to_sigma(t), rtol=0, atol=0)
     assert k_schedules.sigma_to_t(torch.tensor([3.3]), SIGMAS).item() % 1 != 0  # fractional, not quantized
@@ -102,7 +103,7 @@ def test_sigma_t_conversions_equal_kdiffusion():
 def test_compvis_denoiser_equals_kdiffusion(prediction_type):
     oracle_cls = external.CompVisDenoiser if prediction_type == "epsilon" else external.CompVisVDenoiser
     oracle = oracle_cls(LDM)
-    ours = k_schedules.compvis_denoiser(lambda x, t, cond: LDM.apply_model(x, t, cond), ALPHAS, prediction_type)
+    ours = k_schedules.compvis_denoiser(LDM.apply_model, ALPHAS, prediction_type)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * 5
     sigma = torch.tensor([7.5, 0.4])
     expected = oracle(x, sigma, cond=COND)
@@ -128,7 +129,8 @@ def _webui_formula(name, n):
         return sampling.get_sigmas_polyexponential(n, S_MIN, S_MAX)
     if name in ("sgm_uniform", "normal"):
         start, end = inner.sigma_to_t(torch.tensor(S_MAX)), inner.sigma_to_t(torch.tensor(S_MIN))
-        ts = torch.linspace(start, end, n + 1)[:-1] if name == "sgm_uniform" else torch.linspace(start, end, n)
+        count = n + 1 if name == "sgm_uniform" else n
+        ts = torch.linspace(start, end, count)[:n]
         return torch.FloatTensor([inner.t_to_sigma(t) for t in ts] + [0.0])
     if name == "kl_optimal":
         lo, hi = torch.arctan(torch.tensor(S_MIN)), torch.arctan(torch.tensor(S_MAX))
@@ -145,7 +147,8 @@ def _webui_formula(name, n):
         return torch.FloatTensor([float(inner.sigmas[-(1 + int(x * ss))]) for x in range(n)] + [0.0])
     if name == "ddim":
         ss = max(len(inner.sigmas) // n, 1)
-        return torch.FloatTensor([float(inner.sigmas[x]) for x in range(1, len(inner.sigmas), ss)][::-1] + [0.0])
+        picked = [float(inner.sigmas[x]) for x in range(1, len(inner.sigmas), ss)]
+        return torch.FloatTensor(picked[::-1] + [0.0])
     if name == "beta":
         qs = [stats.beta.ppf(q, 0.6, 0.6) for q in 1 - np.linspace(0, 1, n)]
         return torch.FloatTensor([S_MIN + q * (S_MAX - S_MIN) for q in qs] + [0.0])
@@ -186,11 +189,12 @@ def test_beta_ppf_equals_scipy(a, b):
 # --- samplers -------------------------------------------------------------------------------------------
 
 STEPS = 6
-SIGMA_SAMPLERS = [k for k, v in KDIFFUSION_SAMPLERS.items() if "sigmas" in inspect.signature(v.function).parameters]
+SIGMA_SAMPLERS = [label for label, row in KDIFFUSION_SAMPLERS.items()
+                  if "sigmas" in inspect.signature(row.function).parameters]
 
 
 def _run_pair(label, sigmas=None, **options):
-    """Run our sampler and k-diffusion's on the same denoiser, start and noise; return both results and calls."""
+    """Our sampler and k-diffusion's on the same denoiser, start and noise: both results, callbacks, draws."""
     row = find_k_sampler(label)
     oracle_fn = getattr(sampling, row.function.__name__)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5)) * 14.6
@@ -211,7 +215,8 @@ def _run_pair(label, sigmas=None, **options):
         try:
             where = {"sigmas": sigmas} if sigmas is not None else {}
             out = fn(denoiser, x.clone(), extra_args={"cond": COND}, disable=True,
-                     callback=lambda d: seen.append((d["i"], float(d["sigma"]))), **where, **run_kwargs)
+                     callback=lambda d, seen=seen: seen.append((d["i"], float(d["sigma"]))),
+                     **where, **run_kwargs)
         finally:
             sampling.torch = torch
         results.append(out)
