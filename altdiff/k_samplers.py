@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm, trange
@@ -547,11 +548,9 @@ def sample_dpm_adaptive(model: Model, x: torch.Tensor, sigma_min: float, sigma_m
 
 # --- the webui's table ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class KSampler:
-    """One row of the webui's samplers_k_diffusion: function, aliases and options as the webui lists them."""
+class KSampler(NamedTuple):
+    """One row of the webui's samplers_k_diffusion (the label is the table's key), options as the webui's."""
 
-    label: str
     function: Callable[..., torch.Tensor]
     aliases: tuple[str, ...]
     options: dict
@@ -581,7 +580,7 @@ _ROWS = (
     ("DPM adaptive", sample_dpm_adaptive, ("k_dpm_ad",), {"uses_ensd": True}),
 )
 
-KDIFFUSION_SAMPLERS: dict[str, KSampler] = {label: KSampler(label, fn, aliases, options)
+KDIFFUSION_SAMPLERS: dict[str, KSampler] = {label: KSampler(fn, aliases, options)
                                             for label, fn, aliases, options in _ROWS}
 
 # The webui passes these request fields only to these functions (sampler_extra_params).
@@ -590,12 +589,13 @@ CHURN_PARAMS: dict[Callable, tuple[str, ...]] = {
 }
 
 
-def find_k_sampler(name: str) -> KSampler:
-    """The k-diffusion sampler called `name` (label or alias, any case); ValueError listing the choices."""
+def find_k_sampler(name: str) -> str:
+    """The webui label of the k-diffusion sampler called `name` (label or alias, any case), the key of
+    KDIFFUSION_SAMPLERS; ValueError listing the choices."""
     if isinstance(name, str):
         key = name.casefold()
-        for sampler in KDIFFUSION_SAMPLERS.values():
-            if key == sampler.label.casefold() or key in (alias.casefold() for alias in sampler.aliases):
-                return sampler
+        for label, row in KDIFFUSION_SAMPLERS.items():
+            if key == label.casefold() or key in (alias.casefold() for alias in row.aliases):
+                return label
     raise ValueError(f"sampler: unknown k-diffusion sampler {name!r}; expected one of "
                      f"{', '.join(KDIFFUSION_SAMPLERS)}")

@@ -162,8 +162,17 @@ def test_schedule_types_equal_the_webui_formulas(name, n):
     ours = webui_sigmas(name, n, SIGMAS)
     assert ours.dtype == torch.float32 and ours.device.type == "cpu"
     torch.testing.assert_close(ours, expected.float(), rtol=0, atol=0)
-    if n > 1:
-        assert not torch.equal(webui_sigmas(name, n + 1, SIGMAS)[:2], torch.zeros(2))
+
+
+def test_schedule_types_differ_from_each_other():
+    """The equalities above can fail: the schedule types give distinct sigmas, but for one identity of the
+    formulas (Normal spans t 999..0 evenly, as Uniform does)."""
+    by_sigmas = {}
+    for schedule in SCHEDULE_TYPES[1:]:
+        sigmas = tuple(webui_sigmas(schedule.label, 7, SIGMAS).tolist())
+        by_sigmas.setdefault(sigmas, []).append(schedule.name)
+    assert [group for group in by_sigmas.values() if len(group) > 1] == [["uniform", "normal"]]
+    assert len(by_sigmas) == len(SCHEDULE_TYPES) - 2
 
 
 def test_automatic_discard_and_labels():
@@ -195,7 +204,7 @@ SIGMA_SAMPLERS = [label for label, row in KDIFFUSION_SAMPLERS.items()
 
 def _run_pair(label, sigmas=None, **options):
     """Our sampler and k-diffusion's on the same denoiser, start and noise: both results, callbacks, draws."""
-    row = find_k_sampler(label)
+    row = KDIFFUSION_SAMPLERS[label]
     oracle_fn = getattr(sampling, row.function.__name__)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5)) * 14.6
     kwargs = dict(options)
@@ -235,10 +244,10 @@ def _check(label, key, results, calls):
 @pytest.mark.parametrize("schedule", [s.label for s in SCHEDULE_TYPES])
 @pytest.mark.parametrize("label", SIGMA_SAMPLERS)
 def test_sampler_equals_kdiffusion(label, schedule):
-    options = find_k_sampler(label).options
+    options = KDIFFUSION_SAMPLERS[label].options
     sigmas = webui_sigmas(schedule, STEPS, SIGMAS, options.get("discard_next_to_last_sigma", False),
                           options.get("scheduler"))
-    eta = {"eta": 1.0} if "eta" in inspect.signature(find_k_sampler(label).function).parameters else {}
+    eta = {"eta": 1.0} if "eta" in inspect.signature(KDIFFUSION_SAMPLERS[label].function).parameters else {}
     results, calls = _run_pair(label, sigmas, **eta)
     _check(label, (label, schedule), results, calls)
     assert calls[0][0][0][1] == pytest.approx(sigmas[0].item())
@@ -277,10 +286,12 @@ def test_table_matches_the_webui_list():
         "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive"]
     for row in KDIFFUSION_SAMPLERS.values():
         assert hasattr(sampling, row.function.__name__)
-    assert find_k_sampler("k_euler_ancestral").label == "Euler a"
-    assert find_k_sampler("dpm++ 2m sde heun").options == {
+    assert find_k_sampler("k_euler_ancestral") == "Euler a"
+    function, aliases, options = KDIFFUSION_SAMPLERS[find_k_sampler("dpm++ 2m sde heun")]
+    assert function is k_samplers.sample_dpmpp_2m_sde and aliases == ("k_dpmpp_2m_sde_heun",)
+    assert options == {
         "scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}
-    assert find_k_sampler("DPM2 a").options["discard_next_to_last_sigma"] is True
+    assert KDIFFUSION_SAMPLERS["DPM2 a"].options["discard_next_to_last_sigma"] is True
 
 
 def test_errors_name_the_argument_and_the_choices():
