@@ -7,7 +7,8 @@ Contract, k-diffusion's own:
 - `x` starts at noise * sigmas[0] (txt2img) or init latent + noise * sigmas[0] (img2img); `sigmas` descends
   to 0 (k_schedules.webui_sigmas). DPM fast / adaptive take `sigma_min, sigma_max` (and `n`) instead: the
   webui passes the model's smallest / largest training sigma and n = steps in txt2img, and the img2img
-  schedule's sigma_sched[-2] / sigma_sched[0] and n = len(sigma_sched) - 1.
+  schedule's sigma_sched[-2] / sigma_sched[0] and n = len(sigma_sched) - 1 (`webui_sampler_kwargs` builds
+  these keyword arguments as the webui's KDiffusionSampler does).
 - `callback` gets k-diffusion's dict {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per model step.
 - Randomness: never torch's global RNG. Every draw is `noise_sampler(sigma, sigma_next) -> Tensor` shaped
   like x, made exactly where k-diffusion calls torch.randn_like or its noise sampler, so a per-image RNG
@@ -21,6 +22,7 @@ Contract, k-diffusion's own:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -583,12 +585,6 @@ _ROWS = (
 KDIFFUSION_SAMPLERS: dict[str, KSampler] = {label: KSampler(fn, aliases, options)
                                             for label, fn, aliases, options in _ROWS}
 
-# The webui passes these request fields only to these functions (sampler_extra_params).
-CHURN_PARAMS: dict[Callable, tuple[str, ...]] = {
-    fn: ("s_churn", "s_tmin", "s_tmax", "s_noise") for fn in (sample_euler, sample_heun, sample_dpm_2)
-}
-
-
 def find_k_sampler(name: str) -> str:
     """The webui label of the k-diffusion sampler called `name` (label or alias, any case), the key of
     KDIFFUSION_SAMPLERS; ValueError listing the choices."""
@@ -599,3 +595,35 @@ def find_k_sampler(name: str) -> str:
                 return label
     raise ValueError(f"sampler: unknown k-diffusion sampler {name!r}; expected one of "
                      f"{', '.join(KDIFFUSION_SAMPLERS)}")
+
+
+def webui_sampler_kwargs(label: str, sigmas: torch.Tensor, model_sigmas: torch.Tensor, steps: int, *,
+                         img2img: bool = False, eta: float | None = None, s_churn: float = 0.0,
+                         s_tmin: float = 0.0, s_tmax: float | None = None, s_noise: float = 1.0) -> dict:
+    """The keyword arguments the webui's KDiffusionSampler gives the function of `label`, besides model, x,
+    extra_args, callback, disable and noise_sampler.
+
+    `sigmas` is the schedule the run walks: webui_sigmas(...) in txt2img, its img2img tail (sigma_sched) with
+    `img2img=True`. eta None is the webui's opts.eta_ancestral, 1.0; s_tmax None or 0 is infinity. DPM fast /
+    adaptive get sigma_min / sigma_max (the model's extreme training sigmas in txt2img, sigma_sched[-2] and
+    sigma_sched[0] in img2img) and DPM fast its number of model calls (`steps`; len(sigma_sched) - 1 in
+    img2img).
+    """
+    function, _, options = KDIFFUSION_SAMPLERS[find_k_sampler(label)]
+    parameters = inspect.signature(function).parameters
+    kwargs: dict = {}
+    if function in (sample_euler, sample_heun, sample_dpm_2):
+        kwargs.update(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax or float("inf"), s_noise=s_noise)
+    if "eta" in parameters:
+        kwargs["eta"] = 1.0 if eta is None else eta
+    if "sigmas" in parameters:
+        kwargs["sigmas"] = sigmas
+    elif img2img:
+        kwargs.update(sigma_min=sigmas[-2], sigma_max=sigmas[0])
+    else:
+        kwargs.update(sigma_min=model_sigmas[0].item(), sigma_max=model_sigmas[-1].item())
+    if "n" in parameters:
+        kwargs["n"] = len(sigmas) - 1 if img2img else steps
+    if options.get("solver_type") == "heun":
+        kwargs["solver_type"] = "heun"
+    return kwargs

@@ -11,7 +11,7 @@ from kdiffusion_oracle import external, sampling
 from scipy import stats
 
 from altdiff import k_samplers, k_schedules
-from altdiff.k_samplers import KDIFFUSION_SAMPLERS, find_k_sampler
+from altdiff.k_samplers import KDIFFUSION_SAMPLERS, find_k_sampler, webui_sampler_kwargs
 from altdiff.k_schedules import SCHEDULE_TYPES, find_schedule_type, webui_sigmas
 
 pytestmark = pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde float rounding notes
@@ -292,6 +292,23 @@ def test_table_matches_the_webui_list():
     assert options == {
         "scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}
     assert KDIFFUSION_SAMPLERS["DPM2 a"].options["discard_next_to_last_sigma"] is True
+
+
+def test_webui_sampler_kwargs_follow_kdiffusion_sampler_sample():
+    sigmas = webui_sigmas("DDIM", 7, SIGMAS)
+    assert len(sigmas) == 9  # the DDIM schedule type runs more steps than asked
+    assert webui_sampler_kwargs("DPM fast", sigmas, SIGMAS, 7) == {
+        "eta": 1.0, "sigma_min": S_MIN, "sigma_max": S_MAX, "n": 7}
+    tail = sigmas[5:]
+    img2img = webui_sampler_kwargs("k_dpm_fast", tail, SIGMAS, 7, img2img=True, eta=0.5)
+    assert img2img == {"eta": 0.5, "sigma_min": tail[-2], "sigma_max": tail[0], "n": len(tail) - 1}
+    assert "n" not in webui_sampler_kwargs("DPM adaptive", sigmas, SIGMAS, 7)
+    euler = webui_sampler_kwargs("Euler", sigmas, SIGMAS, 7, s_churn=0.5)
+    assert euler == {"s_churn": 0.5, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0, "sigmas": sigmas}
+    assert webui_sampler_kwargs("Euler a", sigmas, SIGMAS, 7, s_churn=0.5) == {"eta": 1.0, "sigmas": sigmas}
+    assert webui_sampler_kwargs("DPM++ 2M", sigmas, SIGMAS, 7) == {"sigmas": sigmas}
+    assert webui_sampler_kwargs("DPM++ 2M SDE Heun", sigmas, SIGMAS, 7)["solver_type"] == "heun"
+    assert "solver_type" not in webui_sampler_kwargs("DPM++ 2M SDE", sigmas, SIGMAS, 7)
 
 
 def test_errors_name_the_argument_and_the_choices():
