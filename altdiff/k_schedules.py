@@ -1,6 +1,6 @@
 """The webui's sigma schedules over k-diffusion 0.1.1.post1's CompVis discrete denoiser.
 
-`model_sigmas(alphas_cumprod)` are the model's 1000 training sigmas, ascending (k-diffusion's
+`training_sigmas(alphas_cumprod)` are the model's 1000 training sigmas, ascending (k-diffusion's
 `DiscreteSchedule.sigmas`); `sigma_to_t` / `t_to_sigma` convert with fractional timesteps by log-sigma
 interpolation (the webui leaves `enable_quantization` off). `compvis_denoiser` wraps a UNet call into
 k-diffusion's form `model(x, sigma, **kwargs) -> denoised` (eps or v prediction).
@@ -28,7 +28,7 @@ BETA_DIST_ALPHA = 0.6
 BETA_DIST_BETA = 0.6
 
 
-def model_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def training_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The training sigmas ((1 - a) / a) ** 0.5, ascending, in the dtype of `alphas_cumprod`."""
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
@@ -67,7 +67,7 @@ def compvis_denoiser(unet: Callable[..., torch.Tensor], alphas_cumprod: torch.Te
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    sigmas = model_sigmas(alphas_cumprod)
+    sigmas = training_sigmas(alphas_cumprod)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
@@ -159,10 +159,10 @@ def ddim(n: int, sigma_min: float, sigma_max: float, model_sigmas: torch.Tensor)
 
 
 def beta(n: int, sigma_min: float, sigma_max: float, model_sigmas: torch.Tensor | None = None,
-         alpha: float = BETA_DIST_ALPHA, beta_: float = BETA_DIST_BETA) -> torch.Tensor:
+         a: float = BETA_DIST_ALPHA, b: float = BETA_DIST_BETA) -> torch.Tensor:
     """Lee et al. 2024: sigma_min + ppf(q) * (sigma_max - sigma_min) for q evenly from 1 to 0, where ppf is
-    the Beta(alpha, beta_) quantile (the webui's scipy.stats.beta.ppf, here `beta_ppf`)."""
-    quantiles = [beta_ppf(float(q), alpha, beta_) for q in 1 - np.linspace(0, 1, n)]
+    the Beta(a, b) quantile (the webui's scipy.stats.beta.ppf, here `beta_ppf`)."""
+    quantiles = [beta_ppf(float(q), a, b) for q in 1 - np.linspace(0, 1, n)]
     return torch.FloatTensor([sigma_min + (x * (sigma_max - sigma_min)) for x in quantiles] + [0.0])
 
 

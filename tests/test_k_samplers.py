@@ -27,7 +27,7 @@ def _alphas_cumprod() -> torch.Tensor:
 
 
 ALPHAS = _alphas_cumprod()
-SIGMAS = k_schedules.model_sigmas(ALPHAS)
+SIGMAS = k_schedules.training_sigmas(ALPHAS)
 
 
 class TinyLDM:
