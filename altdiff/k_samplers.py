@@ -13,8 +13,10 @@ Contract, k-diffusion's own:
 - Randomness: never torch's global RNG. Every draw is `noise_sampler(sigma, sigma_next) -> Tensor` shaped
   like x, made exactly where k-diffusion calls torch.randn_like or its noise sampler, so a per-image RNG
   (the webui routes randn_like to ImageRNG.next()) sees the same sequence of draws. Euler / Heun / DPM2
-  draw once per step even when s_churn leaves the noise unused, as k-diffusion does; they need no noise
-  sampler when none is given and s_churn is 0. SDE samplers get a Brownian-tree noise sampler.
+  draw once per step even when s_churn leaves the noise unused, and DPM fast / adaptive even at eta 0, as
+  k-diffusion does; without a noise sampler they skip those unused draws. Pass the image RNG's noise sampler
+  to every non-SDE sampler anyway: the webui's hires pass draws on from the same per-image RNG, so the
+  count of draws matters. SDE samplers get a Brownian-tree noise sampler.
 - Options and defaults are k-diffusion's. The webui passes `eta` = the request's eta, else 1.0
   (opts.eta_ancestral), to every function that has one (DPM fast / adaptive included), and s_churn /
   s_tmin / s_tmax / s_noise only to Euler, Heun and DPM2.
