@@ -52,11 +52,12 @@ def get_learned_conditioning(encode: Encode, prompts: list[str], steps: int,
     """Each prompt's schedule with its texts encoded: one `encode` call per distinct prompt, giving it the
     prompt's distinct texts (the webui gives them all, repeats included; the result is the same)."""
     result, cache = [], {}
-    for prompt, schedule in zip(prompts, get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)):
+    schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
+    for prompt, schedule in zip(prompts, schedules):
         if prompt not in cache:
-            texts = list(dict.fromkeys(text for _, text in schedule))
-            conds = encode(texts)
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[texts.index(text)]) for end, text in schedule]
+            row = {text: i for i, text in enumerate(dict.fromkeys(text for _, text in schedule))}
+            conds = encode(list(row))
+            cache[prompt] = [ScheduledPromptConditioning(end, conds[row[text]]) for end, text in schedule]
         result.append(cache[prompt])
     return result
 
@@ -65,7 +66,8 @@ _AND = re.compile(r"\bAND\b")
 _WEIGHT = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
 
 
-def get_multicond_prompt_list(prompts: list[str]) -> tuple[list[list[tuple[int, float]]], list[str], dict[str, int]]:
+def get_multicond_prompt_list(
+        prompts: list[str]) -> tuple[list[list[tuple[int, float]]], list[str], dict[str, int]]:
     """Split each prompt at `AND` into sub-prompts with an optional trailing `:weight` (default 1.0):
     per prompt its (index into the flat list, weight) pairs, the flat list of distinct sub-prompt texts, and
     text -> index."""
@@ -90,7 +92,8 @@ def get_multicond_learned_conditioning(encode: Encode, prompts: list[str], steps
     """get_learned_conditioning over the AND-split sub-prompts, with their weights."""
     indexes, flat, _ = get_multicond_prompt_list(prompts)
     learned = get_learned_conditioning(encode, flat, steps, hires_steps)
-    batch = [[ComposableScheduledPromptConditioning(learned[i], weight) for i, weight in pairs] for pairs in indexes]
+    batch = [[ComposableScheduledPromptConditioning(learned[i], weight) for i, weight in pairs]
+             for pairs in indexes]
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 
 
@@ -105,8 +108,8 @@ def reconstruct_cond_batch(c: list[list[ScheduledPromptConditioning]], current_s
     conds = [_at_step(schedules, current_step) for schedules in c]
     shapes = {tuple(cond.shape) for cond in conds}
     if len(shapes) > 1:
-        raise ValueError(f"reconstruct_cond_batch: conditionings of different shapes {sorted(shapes)}; the webui "
-                         "needs one length for a batch of prompts read by reconstruct_cond_batch")
+        raise ValueError(f"reconstruct_cond_batch: conditionings of different shapes {sorted(shapes)}; "
+                         "the webui needs one length for every prompt of the batch")
     return torch.stack(conds)
 
 
