@@ -19,6 +19,7 @@ the rest is read.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import re
@@ -104,55 +105,83 @@ BREAK_WEIGHT = -1.0  # marks the ("BREAK", -1) entries of a parse
 COMMA_BACKTRACK = 20  # the webui's comma_padding_backtrack default
 
 
+class _Runs:
+    """The parsed text as runs of consecutive pieces of one weight. The webui multiplies every piece from a
+    bracket's opening on, one by one; a run takes the multiplication once for all its pieces (split where an
+    opening falls inside it), so each piece sees the same products in the same order, and unclosed brackets
+    cost linear time."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.starts: list[int] = []  # the index of each run's first piece
+        self.weights: list[float] = []
+
+    def append(self, piece: str, weight: float) -> None:
+        if not self.weights or self.weights[-1] != weight:
+            self.starts.append(len(self.pieces))
+            self.weights.append(weight)
+        self.pieces.append(piece)
+
+    def multiply(self, start: int, factor: float) -> None:
+        """Multiply the weight of every piece from `start` on."""
+        if start == len(self.pieces):
+            return
+        run = bisect.bisect_right(self.starts, start) - 1
+        if self.starts[run] != start:
+            run += 1
+            self.starts.insert(run, start)
+            self.weights.insert(run, self.weights[run - 1])
+        for i in range(run, len(self.weights)):
+            self.weights[i] *= factor
+
+    def merged(self) -> list[tuple[str, float]]:
+        """Adjacent runs of equal weight joined, as the webui merges its pieces."""
+        result: list[tuple[list[int], float]] = []
+        for i, weight in enumerate(self.weights):
+            end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.pieces)
+            if result and result[-1][1] == weight:
+                result[-1][0][1] = end
+            else:
+                result.append(([self.starts[i], end], weight))
+        return [("".join(self.pieces[a:b]), weight) for (a, b), weight in result]
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """(text, weight) runs of a prompt, with ("BREAK", -1.0) where a chunk must end; unclosed brackets
     apply to the end of the prompt, adjacent runs of equal weight merge. A1111's own examples:
     'a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).' → [('a ', 1.0), ('house', 1.573), (' ', 1.1),
     ('on', 1.0), (' a ', 1.1), ('hill', 0.55), (', sun, ', 1.1), ('sky', 1.4641), ('.', 1.1)]."""
-    res: list[list] = []
+    runs = _Runs()
     round_open: list[int] = []
     square_open: list[int] = []
-
-    def multiply(start: int, factor: float) -> None:
-        for item in res[start:]:
-            item[1] *= factor
-
     for m in _ATTENTION.finditer(text):
         part, weight = m.group(0), m.group(1)
         if part.startswith("\\"):
-            res.append([part[1:], 1.0])
+            runs.append(part[1:], 1.0)
         elif part == "(":
-            round_open.append(len(res))
+            round_open.append(len(runs.pieces))
         elif part == "[":
-            square_open.append(len(res))
+            square_open.append(len(runs.pieces))
         elif weight is not None and round_open:
             try:
                 factor = float(weight)
             except ValueError:
                 raise ValueError(f"prompt: {weight!r} is not a number, in {part!r} of {text!r}") from None
-            multiply(round_open.pop(), factor)
+            runs.multiply(round_open.pop(), factor)
         elif part == ")" and round_open:
-            multiply(round_open.pop(), ROUND)
+            runs.multiply(round_open.pop(), ROUND)
         elif part == "]" and square_open:
-            multiply(square_open.pop(), SQUARE)
+            runs.multiply(square_open.pop(), SQUARE)
         else:
             for i, piece in enumerate(_BREAK.split(part)):
                 if i:
-                    res.append(["BREAK", BREAK_WEIGHT])
-                res.append([piece, 1.0])
+                    runs.append("BREAK", BREAK_WEIGHT)
+                runs.append(piece, 1.0)
     for start in round_open:
-        multiply(start, ROUND)
+        runs.multiply(start, ROUND)
     for start in square_open:
-        multiply(start, SQUARE)
-    if not res:
-        res = [["", 1.0]]
-    merged = [res[0]]
-    for item in res[1:]:
-        if item[1] == merged[-1][1]:
-            merged[-1][0] += item[0]
-        else:
-            merged.append(item)
-    return [(t, w) for t, w in merged]
+        runs.multiply(start, SQUARE)
+    return runs.merged() or [("", 1.0)]
 
 
 @dataclass

@@ -204,3 +204,23 @@ def test_original_emphasis_mean_of_each_prompt(pipe, ids):
     weights = torch.tensor([tokenize_chunks(pipe.tokenizer, t)[0].weights for t in texts])[:, :, None]
     batch_mean = z * weights * (z.mean() / (z * weights).mean())
     assert (batch_mean - expected[:, :77]).abs().max() > 1e-3
+
+
+def test_unclosed_brackets_apply_one_by_one_in_linear_time():
+    import time
+
+    # Each unclosed '(' multiplies everything after it by 1.1, outermost first, as the webui does one by one.
+    expected, weight = [], 1.0
+    for i in range(6):
+        weight *= 1.1
+        expected.append((f"a{i}", weight))
+    assert parse_prompt_attention("".join(f"(a{i}" for i in range(6))) == expected
+
+    def cost(n: int) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            parse_prompt_attention("(a" * n + "[b" * n)
+            runs.append(time.perf_counter() - start)
+        return min(runs)
+    assert cost(16000) < 3 * cost(8000) + 0.02
