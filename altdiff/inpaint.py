@@ -256,3 +256,15 @@ def apply_overlay(image: PIL.Image.Image, overlay: PIL.Image.Image,
     image = image.convert("RGBA")
     image.alpha_composite(overlay)
     return image.convert("RGB")
+
+
+def diffusers_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
+    """StableDiffusionInpaintPipeline's mask_processor: grayscale, LANCZOS to the image's (height, width),
+    binarised at 0.5; shape (n, 1, height, width), 1 = repaint."""
+    masks = mask_image if isinstance(mask_image, list) else [mask_image]
+    if not masks or not all(isinstance(m, PIL.Image.Image) for m in masks):
+        raise TypeError(f"mask_image: expected a PIL image or a list of them, got {type(mask_image).__name__}")
+    height, width = size
+    arrays = [np.asarray(m.convert("L").resize((width, height), resample=LANCZOS), dtype=np.float32) / 255.0
+              for m in masks]
+    return (torch.from_numpy(np.stack(arrays))[:, None] >= 0.5).float()

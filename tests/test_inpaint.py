@@ -184,3 +184,68 @@ def test_fill_mode_zero_changes_the_masked_pixels_only():
 def test_options_are_checked_by_name(field, value):
     with pytest.raises(InpaintError, match=field):
         InpaintOptions(**{field: value})
+
+
+# --- the diffusers family: generate(image=..., mask_image=...) -------------------------------------------
+
+PROMPT = "一只戴着帽子的猫"
+
+
+@pytest.fixture(scope="session")
+def inpaint_pipes(m9_folder):
+    """altdiff's tiny m9 model and diffusers' StableDiffusionInpaintPipeline built from the same parts (the
+    XLM-R text encoder and tokenizer passed to its constructor)."""
+    import tiny
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionInpaintPipeline
+
+    import altdiff
+    refs = {}
+    for cls in (PNDMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler):
+        parts = tiny.load_reference(m9_folder, cls).components
+        refs[cls.__name__] = StableDiffusionInpaintPipeline(**parts)
+        refs[cls.__name__].set_progress_bar_config(disable=True)
+    return altdiff.load(m9_folder, device="cpu", dtype=torch.float32), refs
+
+
+def _gen(seed, n=None):
+    if n is None:
+        return torch.Generator().manual_seed(seed)
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("scheduler,sampler,strength,eta", [("PNDMScheduler", None, 0.75, 0.0),
+                                                            ("PNDMScheduler", None, 1.0, 0.0),
+                                                            ("DDIMScheduler", "ddim", 0.6, 0.5),
+                                                            ("EulerAncestralDiscreteScheduler", "euler_a", 0.8, 0.0)])
+def test_generate_inpaints_as_the_diffusers_inpaint_pipeline(inpaint_pipes, scheduler, sampler, strength, eta):
+    alt, refs = inpaint_pipes
+    image = _noise_image(32, 32, seed=5)
+    mask = _rect_mask(32, 32, (4, 6, 20, 26))
+    kwargs = dict(prompt=PROMPT, image=image, mask_image=mask, strength=strength, num_inference_steps=4,
+                  eta=eta, output_type="np")
+    ref = refs[scheduler](generator=_gen(3), height=32, width=32, **kwargs).images
+    got = alt.generate(generator=_gen(3), sampler=sampler, progress=False, **kwargs).images
+    assert np.abs(np.round(got * 255) - np.round(ref * 255)).max() <= 1
+    # sensitivity: another mask gives another image, and the unmasked area stays near the original
+    other = alt.generate(generator=_gen(3), sampler=sampler, progress=False,
+                         **{**kwargs, "mask_image": _rect_mask(32, 32, (16, 0, 32, 16))}).images
+    assert np.abs(other - got).max() > 0.05
+
+
+def test_generate_inpaint_with_a_generator_per_image(inpaint_pipes):
+    alt, refs = inpaint_pipes
+    image, mask = _noise_image(32, 32, seed=6), _rect_mask(32, 32, (8, 8, 24, 24))
+    kwargs = dict(prompt=[PROMPT, "a hat"], image=image, mask_image=mask, strength=0.7, num_inference_steps=4,
+                  eta=0.3, output_type="np")
+    ref = refs["DDIMScheduler"](generator=_gen(9, 2), height=32, width=32, **kwargs).images
+    got = alt.generate(generator=_gen(9, 2), sampler="ddim", progress=False, **kwargs).images
+    assert np.abs(np.round(got * 255) - np.round(ref * 255)).max() <= 1
+
+
+def test_mask_image_needs_image(inpaint_pipes):
+    alt, _ = inpaint_pipes
+    with pytest.raises(ValueError, match="mask_image"):
+        alt.generate(PROMPT, mask_image=_rect_mask(32, 32, (0, 0, 8, 8)), num_inference_steps=2, progress=False)
+    with pytest.raises(TypeError, match="mask_image"):
+        alt.generate(PROMPT, image=_noise_image(32, 32), mask_image="mask.png", num_inference_steps=2,
+                     progress=False)
