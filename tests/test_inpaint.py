@@ -8,8 +8,16 @@ import cv2
 import numpy as np
 import PIL.Image
 import pytest
+import tiny
 import torch
+from diffusers import (
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+)
 
+import altdiff
 from altdiff import inpaint
 from altdiff.inpaint import InpaintError, InpaintOptions
 
@@ -195,10 +203,6 @@ PROMPT = "一只戴着帽子的猫"
 def inpaint_pipes(m9_folder):
     """altdiff's tiny m9 model and diffusers' StableDiffusionInpaintPipeline built from the same parts (the
     XLM-R text encoder and tokenizer passed to its constructor)."""
-    import tiny
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionInpaintPipeline
-
-    import altdiff
     refs = {}
     for cls in (PNDMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler):
         parts = tiny.load_reference(m9_folder, cls).components
@@ -226,7 +230,7 @@ def test_generate_inpaints_as_the_diffusers_inpaint_pipeline(inpaint_pipes, sche
     ref = refs[scheduler](generator=_gen(3), height=32, width=32, **kwargs).images
     got = alt.generate(generator=_gen(3), sampler=sampler, progress=False, **kwargs).images
     assert np.abs(np.round(got * 255) - np.round(ref * 255)).max() <= 1
-    # sensitivity: another mask gives another image, and the unmasked area stays near the original
+    # sensitivity: another mask gives another image
     other = alt.generate(generator=_gen(3), sampler=sampler, progress=False,
                          **{**kwargs, "mask_image": _rect_mask(32, 32, (16, 0, 32, 16))}).images
     assert np.abs(other - got).max() > 0.05
