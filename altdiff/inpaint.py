@@ -268,3 +268,21 @@ def diffusers_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
     arrays = [np.asarray(m.convert("L").resize((width, height), resample=LANCZOS), dtype=np.float32) / 255.0
               for m in masks]
     return (torch.from_numpy(np.stack(arrays))[:, None] >= 0.5).float()
+
+
+def infotext_params(options: InpaintOptions, only_masked: bool) -> dict[str, object]:
+    """The keys StableDiffusionProcessingImg2Img.init adds for a mask, in its order; `only_masked`: the
+    "only masked" crop happened (a blank mask turns it off)."""
+    params: dict[str, object] = {}
+    if options.inpainting_mask_invert:
+        params["Mask mode"] = "Inpaint not masked"
+    # the webui's single mask_blur exists only when both axes agree; a None value is left out of infotexts
+    if (options.mask_blur_x > 0 or options.mask_blur_y > 0) and options.mask_blur_x == options.mask_blur_y:
+        params["Mask blur"] = options.mask_blur_x
+    if only_masked:
+        params["Inpaint area"] = "Only masked"
+        params["Masked area padding"] = options.inpaint_full_res_padding
+    content = {0: "fill", 2: "latent noise", 3: "latent nothing"}.get(options.inpainting_fill)
+    if content is not None:
+        params["Masked content"] = content
+    return params

@@ -253,3 +253,13 @@ def test_mask_image_needs_image(inpaint_pipes):
     with pytest.raises(TypeError, match="mask_image"):
         alt.generate(PROMPT, image=_noise_image(32, 32), mask_image="mask.png", num_inference_steps=2,
                      progress=False)
+
+
+def test_infotext_keys_as_img2img_init_adds_them():
+    options = InpaintOptions(mask_blur_x=4, mask_blur_y=4, inpainting_fill=2, inpaint_full_res=True,
+                             inpaint_full_res_padding=32, inpainting_mask_invert=True)
+    assert list(inpaint.infotext_params(options, only_masked=True).items()) == [
+        ("Mask mode", "Inpaint not masked"), ("Mask blur", 4), ("Inpaint area", "Only masked"),
+        ("Masked area padding", 32), ("Masked content", "latent noise")]
+    # "original" adds no key; unequal blurs have no single "Mask blur"
+    assert inpaint.infotext_params(InpaintOptions(mask_blur_x=2, mask_blur_y=3), only_masked=False) == {}
