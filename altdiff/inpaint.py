@@ -217,6 +217,10 @@ def prepare(image: PIL.Image.Image, mask: PIL.Image.Image, width: int, height: i
     if region is not None:
         image = resize_image(2, image.crop(region), width, height)
     if options.inpainting_fill != 1:
+        if image.size != mask.size:
+            # the webui's fill pastes through the processing-size mask; mode 3 leaves the image unresized
+            raise InpaintError(f"inpainting_fill={options.inpainting_fill} with resize_mode=3 needs an image of "
+                               f"the processing size {width}x{height}, got {image.width}x{image.height}")
         image = fill(image, mask)
     return PreparedInpaint(image=image, mask=mask, overlay=overlay.convert("RGBA"), paste_to=paste_to)
 

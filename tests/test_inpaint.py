@@ -263,3 +263,15 @@ def test_infotext_keys_as_img2img_init_adds_them():
         ("Masked area padding", 32), ("Masked content", "latent noise")]
     # "original" adds no key; unequal blurs have no single "Mask blur"
     assert inpaint.infotext_params(InpaintOptions(mask_blur_x=2, mask_blur_y=3), only_masked=False) == {}
+
+
+def test_resize_modes_reach_the_mask_and_the_overlay():
+    original, mask = _noise_image(40, 20, seed=7), _rect_mask(40, 20, (10, 5, 30, 15))
+    filled = inpaint.prepare(original, mask, 32, 32, InpaintOptions(0, 0, resize_mode=2))
+    assert filled.image.size == filled.mask.size == filled.overlay.size == (32, 32)
+    assert np.array_equal(np.array(filled.image), np.array(inpaint.resize_image(2, original, 32, 32)))
+    # mode 3 ("latent upscale"): the image keeps its size for the encoder, the overlay follows it
+    latent = inpaint.prepare(original, mask, 32, 32, InpaintOptions(0, 0, resize_mode=3))
+    assert latent.image.size == latent.overlay.size == (40, 20) and latent.mask.size == (32, 32)
+    with pytest.raises(InpaintError, match="resize_mode=3"):
+        inpaint.prepare(original, mask, 32, 32, InpaintOptions(0, 0, resize_mode=3, inpainting_fill=0))
