@@ -6,6 +6,7 @@ same order), so the same arguments and generator give the same image.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checks, prompts
+from . import checks, inpaint, prompts
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .lora import prompt_networks, text_encoder_scale
@@ -313,6 +315,33 @@ def _prepare_latents(pipe: Pipeline, schedule, shape, latents, init_image, total
     return add_noise(schedule, init, noise)
 
 
+def _prepare_inpaint(pipe: Pipeline, schedule, init_image: torch.Tensor, pixel_mask: torch.Tensor, total: int,
+                     generator, dtype: torch.dtype, strength: float):
+    """StableDiffusionInpaintPipeline (4-channel UNet): (the starting latents, a blend applied after every
+    step). Random draws in its order: the init image's latent sample, the noise, the masked image's sample."""
+    device = pipe.device
+    init = _image_latents(pipe, init_image, total, generator, device, dtype)
+    noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)
+    # pure noise at strength 1, as diffusers' is_strength_max; else the init latents noised like img2img
+    latents = noise * schedule.init_noise_sigma if strength == 1.0 else add_noise(schedule, init, noise)
+    # diffusers encodes the masked image even for a 4-channel UNet, which uses only its random draws
+    _image_latents(pipe, init_image * (pixel_mask < 0.5), total, generator, device, dtype)
+    factor = pipe.vae_scale_factor
+    mask = F.interpolate(pixel_mask, size=(init_image.shape[2] // factor, init_image.shape[3] // factor))
+    mask = mask.to(device=device, dtype=dtype)
+    mask = torch.cat([mask] * (total // mask.shape[0])) if mask.shape[0] < total else mask
+    last = len(schedule.timesteps) - 1
+
+    def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+        # the unmasked area follows the init latents noised to the next step's level
+        known = init
+        if i < last:
+            known = add_noise(dataclasses.replace(schedule, begin_index=schedule.begin_index + i + 1), init, noise)
+        return (1 - mask) * known + mask * x
+
+    return latents, blend
+
+
 def denoise(unet, latents: torch.Tensor, schedule, sample_fn, embeds: dict[str, torch.Tensor], *,
             guidance_scale: float, guidance_rescale: float = 0.0, do_cfg: bool = True,
             timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
@@ -361,6 +390,15 @@ def _step_callback(pipe: Pipeline, embeds: dict, bar, n_calls: int, steps: int, 
     return on_step
 
 
+def _blended(blend, on_step):
+    """The inpainting blend runs after each sampler step, before the step callbacks see the latents."""
+    def step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = blend(i, x)
+        new = on_step(i, t, x)
+        return x if new is None else new
+    return step
+
+
 def _decode(pipe: Pipeline, latents: torch.Tensor, output_type: str):
     """(images, nsfw_content_detected): VAE decode, safety check (flagged images black), conversion."""
     if output_type == "latent":
@@ -388,13 +426,14 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              clip_skip: int | None = None, sampler: str | None = None,
              callback: Callable | None = None, callback_steps: int | None = None, progress: bool = True,
              a1111_prompts: bool = False, lora_dir: str | Path | None = None,
-             embeddings_dir: str | Path | None = None):
+             embeddings_dir: str | Path | None = None, mask_image: ImageInput | None = None):
     """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
     pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
     AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
-    prompt names their file (altdiff.lora.prompt_networks).
+    prompt names their file (altdiff.lora.prompt_networks). `mask_image` with `image` inpaints as diffusers'
+    StableDiffusionInpaintPipeline does with a 4-channel UNet (white = repaint).
 
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
     # numpy scalars and 0-d tensors as Python numbers, so the checks and stages see plain ints and floats.
@@ -413,6 +452,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     pipe = get_model(model)
     init_image, shape = _check_for_model(pipe, image, height, width, latents, prompt_embeds,
                                          negative_prompt_embeds, total, a1111_prompts)
+    if mask_image is not None:
+        if image is None:
+            raise ValueError("mask_image: inpainting needs `image`, the picture the mask applies to")
+        pixel_mask = inpaint.diffusers_mask(mask_image, tuple(init_image.shape[2:]))
     sampler = sampler or sampler_for_config(pipe.scheduler_config)
     sample_fn = get_sampler(sampler)
     schedule = make_schedule(sampler, pipe.scheduler_config, num_inference_steps, device=pipe.device)
@@ -428,12 +471,18 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         embeds, do_cfg = _encode(pipe, networks.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, guidance_scale, cross_attention_kwargs, clip_skip,
                                  a1111_prompts)
-        latents = _prepare_latents(pipe, schedule, shape, latents, init_image, total, generator,
-                                   embeds["prompt_embeds"].dtype)
+        dtype = embeds["prompt_embeds"].dtype
+        if mask_image is None:
+            latents = _prepare_latents(pipe, schedule, shape, latents, init_image, total, generator, dtype)
+        else:
+            latents, blend = _prepare_inpaint(pipe, schedule, init_image, pixel_mask, total, generator, dtype,
+                                              strength)
         n_calls = len(schedule.timesteps)
         with tqdm(total=n_calls, disable=not progress, desc="altdiff") as bar:
             on_step = _step_callback(pipe, embeds, bar, n_calls, steps, callback_on_step_end,
                                      callback_on_step_end_tensor_inputs, callback, callback_steps)
+            if mask_image is not None:
+                on_step = _blended(blend, on_step)
             try:
                 latents = denoise(pipe.unet_runner(), latents, schedule, sample_fn, embeds,
                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, do_cfg=do_cfg,
