@@ -1,5 +1,7 @@
 """altdiff: AltDiffusion (multilingual Stable Diffusion with an XLM-R text encoder) in plain PyTorch."""
 
+__version__ = "0.1.0"  # before the imports: modules that write it (infotext) import it from here
+
 from .compat import AltDiffusionImg2ImgPipeline, AltDiffusionPipeline
 from .generate import GenerationResult, generate
 from .pipeline import Pipeline, load
@@ -12,4 +14,3 @@ __all__ = [
            "generate",
            "load",
 ]
-__version__ = "0.1.0"

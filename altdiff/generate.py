@@ -7,6 +7,7 @@ same order), so the same arguments and generator give the same image.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checks, inpaint, prompts
+from . import checks, inpaint, prompts, webui_sampling
+from . import infotext as infotext_io
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
+from .k_samplers import KDIFFUSION_SAMPLERS
 from .lora import prompt_networks, text_encoder_scale
 from .pipeline import DEFAULT_MODEL, Pipeline, load
-from .rng import randn_tensor
-from .samplers import get_sampler
+from .rng import SOURCES, ImageRNG, randn_tensor
+from .samplers import SAMPLERS, get_sampler
 from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
 
 logger = logging.getLogger("altdiff")
@@ -47,6 +50,8 @@ class GenerationResult:
     nsfw_content_detected: list[bool] | None
     # The webui's infotext fields for the networks the prompts named ("Lora hashes", "TI hashes").
     infotext: dict[str, str] = field(default_factory=dict)
+    # The webui family: each image's infotext, as the webui >= 1.9 writes it (the webui remakes the image).
+    infotexts: list[str] = field(default_factory=list)
 
 
 def get_model(model: Pipeline | str | None) -> Pipeline:
@@ -191,8 +196,8 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         raise ValueError(f"guidance_scale: must be a finite number, got {guidance_scale!r}")
     if not is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale: must be in [0, 1], got {guidance_rescale!r}")
-    if not is_number(eta) or eta < 0:
-        raise ValueError(f"eta: must be a number >= 0, got {eta!r}")
+    if eta is not None and (not is_number(eta) or eta < 0):
+        raise ValueError(f"eta: must be a number >= 0 (or None: the sampler's default), got {eta!r}")
     if not is_int(num_images_per_prompt, 1):
         raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images_per_prompt!r}")
     if image is not None and (not is_number(strength) or not 0 <= strength <= 1):
@@ -399,8 +404,9 @@ def _blended(blend, on_step):
     return step
 
 
-def _decode(pipe: Pipeline, latents: torch.Tensor, output_type: str):
-    """(images, nsfw_content_detected): VAE decode, safety check (flagged images black), conversion."""
+def _decode(pipe: Pipeline, latents: torch.Tensor, output_type: str, truncate: bool = False):
+    """(images, nsfw_content_detected): VAE decode, safety check (flagged images black), conversion;
+    `truncate`: PIL images by the webui's conversion (255 * x truncated, where diffusers rounds)."""
     if output_type == "latent":
         return latents, None
     nsfw = None
@@ -409,13 +415,179 @@ def _decode(pipe: Pipeline, latents: torch.Tensor, output_type: str):
         nsfw = pipe.safety_checker.check((decoded / 2 + 0.5).clamp(0, 1))
         # Flagged images are zeroed and skip denormalisation: they come out black, as in diffusers.
         decoded = torch.stack([torch.zeros_like(img) if flag else img for img, flag in zip(decoded, nsfw)])
+    if truncate and output_type == "pil":
+        arrays = webui_sampling.to_uint8(decoded)
+        return [PIL.Image.fromarray(a * (0 if nsfw and nsfw[i] else 1)) for i, a in enumerate(arrays)], nsfw
     return postprocess(decoded, output_type, [not f for f in nsfw] if nsfw else [True] * len(decoded)), nsfw
+
+
+FAMILIES = ("diffusers", "webui")
+
+
+def _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
+            s_min_uncond) -> str:
+    """The sampler family: as given, else "webui" for a webui sampler name or a webui-only argument."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"family: expected one of {FAMILIES} (or None), got {family!r}")
+        return family
+    if isinstance(sampler, str) and sampler not in SAMPLERS and webui_sampling.is_webui_sampler(sampler):
+        return "webui"
+    webui_only = (scheduler is not None, rng is not None, eta_noise_seed_delta not in (0, None),
+                  subseed is not None, subseed_strength not in (0, 0.0, None), s_min_uncond not in (0, 0.0, None))
+    return "webui" if any(webui_only) else "diffusers"
+
+
+@dataclass
+class _Webui:
+    """The webui family's checked choices."""
+
+    sampler: webui_sampling.WebuiSampler
+    source: str
+    ensd: int
+    subseed: int | None
+    subseed_strength: float
+    s_min_uncond: float
+
+
+def _check_webui(sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min_uncond, generator, latents,
+                 prompt_embeds, negative_prompt_embeds, guidance_rescale, mask_image, tensor_inputs) -> _Webui:
+    """The webui family's arguments; what it does not take is named."""
+    for name, value, why in (
+            ("generator", generator, "its noise comes from `seed` (one generator per image, `rng` source)"),
+            ("latents", latents, "its starting noise comes from `seed`"),
+            ("prompt_embeds", prompt_embeds, "its conditioning is scheduled from the prompt text"),
+            ("negative_prompt_embeds", negative_prompt_embeds, "its conditioning comes from the text"),
+            ("mask_image", mask_image, "webui inpainting is not wired into generate() yet")):
+        if value is not None:
+            raise ValueError(f"{name}: not taken by the webui family ({why}); use family='diffusers'")
+    if guidance_rescale:
+        raise ValueError("guidance_rescale: the webui has no guidance rescale; use family='diffusers'")
+    if tuple(tensor_inputs) != ("latents",):
+        raise ValueError("callback_on_step_end_tensor_inputs: the webui family passes ('latents',) only")
+    if scheduler is not None and not isinstance(scheduler, str):
+        raise TypeError(f"scheduler: expected a webui schedule type name, got {type(scheduler).__name__}")
+    choice = webui_sampling.resolve(sampler, scheduler)
+    source = "GPU" if rng is None else rng
+    if source not in SOURCES:
+        raise ValueError(f"rng: expected one of {SOURCES}, got {rng!r}")
+    if not is_int(ensd or 0, 0):
+        raise ValueError(f"eta_noise_seed_delta: must be an int >= 0, got {ensd!r}")
+    if subseed is not None and not (is_int(subseed, -1, checks.SEED_MAX)):
+        raise ValueError(f"subseed: must be an int in [-1, {checks.SEED_MAX}], got {subseed!r}")
+    if not is_number(subseed_strength) or not 0 <= subseed_strength <= 1:
+        raise ValueError(f"subseed_strength: must be in [0, 1], got {subseed_strength!r}")
+    if not is_number(s_min_uncond) or s_min_uncond < 0:
+        raise ValueError(f"s_min_uncond: must be a number >= 0, got {s_min_uncond!r}")
+    return _Webui(choice, source, int(ensd or 0), subseed, float(subseed_strength), float(s_min_uncond))
+
+
+def _from_infotext(source, given: dict) -> dict:
+    """generate()'s arguments for an infotext: its values for every argument `given` leaves at its default."""
+    prompt_text, negative, params = infotext_io.parse(infotext_io.text_of(source))
+    found = infotext_io.to_generate_kwargs(prompt_text, negative, params, lora_dir=given.get("lora_dir"))
+    if found.pop("hires", None):
+        raise ValueError("infotext: hires fix keys (Hires upscale, ...) are not reproduced yet")
+    defaults = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
+    return {**given, **{k: v for k, v in found.items() if given.get(k, defaults.get(k)) == defaults.get(k)}}
+
+
+def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_images_per_prompt: int,
+                    shape, init_image, strength, steps: int, guidance_scale: float, eta, seed, clip_skip,
+                    cross_attention_kwargs, output_type, return_dict, callback_on_step_end, callback,
+                    callback_steps, progress, lora_dir, embeddings_dir):
+    """The webui family's stages (altdiff.webui_sampling): encode the prompt schedules, draw the webui's noise,
+    sample with its CFG denoiser, decode with its truncating conversion; the infotext of each image."""
+    if clip_skip is not None:
+        raise ValueError("clip_skip: the webui ignores CLIP skip for XLM-R models, so its family does too; use "
+                         "family='diffusers' for altdiff's clip_skip")
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt or ""] * len(texts) if not isinstance(negative_prompt, list) else negative_prompt
+    n = num_images_per_prompt
+    all_prompts = [t for t in texts for _ in range(n)]
+    all_negatives = [t for t in negatives for _ in range(n)]
+    total = len(all_prompts)
+    choice = webui.sampler
+    strength_used = webui.subseed_strength
+    subseeds = webui_sampling.fixed_seeds(webui.subseed, total, "subseed")
+    # processing.py: with a variation strength every image keeps the seed, and the subseed counts up.
+    if strength_used and not isinstance(seed, (list, tuple)):
+        seeds = webui_sampling.fixed_seeds(seed, 1) * total
+    else:
+        seeds = webui_sampling.fixed_seeds(seed, total)
+    for i, s in enumerate(seeds + subseeds):
+        checks.seed(f"seed[{i}]", s)
+    factor, channels = pipe.vae_scale_factor, pipe.unet.config.in_channels
+    if init_image is not None:
+        height, width = init_image.shape[2], init_image.shape[3]
+    else:
+        height, width = shape[2] * factor, shape[3] * factor
+    latent_shape = (channels, height // factor, width // factor)
+
+    with pipe.lock, prompt_networks(pipe, all_prompts, all_negatives, a1111_prompts=True, lora_dir=lora_dir,
+                                    embeddings_dir=embeddings_dir) as networks, torch.inference_mode(), \
+            pipe.running():
+        pipe._interrupt = False
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        with text_encoder_scale(pipe, lora_scale):
+            c, uc = webui_sampling.conds(pipe, networks.prompt, all_negatives, choice.total_steps(steps), None)
+        dtype = next(pipe.unet.parameters()).dtype
+        rng = ImageRNG(latent_shape, seeds, subseeds if strength_used else None, strength_used, webui.source,
+                       pipe.device, webui.ensd)
+        init_latent = None
+        if init_image is not None:
+            # The webui samples the VAE posterior from torch's unseeded global RNG; altdiff seeds it per image.
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            init_latent = _image_latents(pipe, init_image, total, generators, pipe.device, dtype).float()
+        run_steps = int(min(strength, 0.999) * steps) + 1 if init_image is not None else steps
+        with tqdm(total=run_steps, disable=not progress, desc="altdiff") as bar:
+            def on_step(d: dict) -> None:
+                bar.update()
+                i, x = d["i"], d["x"]
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(pipe, i, d["sigma"], {"latents": x}) or {}
+                    if out.get("latents") is not None:
+                        raise ValueError("callback_on_step_end: the webui family's samplers keep their own "
+                                         "latents; returning new ones is not supported")
+                if callback is not None and i % (callback_steps or 1) == 0:
+                    callback(i, d["sigma"], x)
+                if pipe._interrupt:  # the webui returns the last denoised prediction when interrupted
+                    raise _Interrupted(d["denoised"])
+
+            try:
+                latents = webui_sampling.sample(
+                    pipe, pipe.unet_runner(), choice, c, uc, rng, seeds, steps=steps, cfg_scale=guidance_scale,
+                    eta=eta, s_min_uncond=webui.s_min_uncond, init_latent=init_latent,
+                    strength=strength if init_image is not None else None,
+                    cross_attention_kwargs=cross_attention_kwargs, callback=on_step, dtype=dtype)
+            except _Interrupted as stop:
+                latents = stop.latents
+        images, nsfw = _decode(pipe, latents.to(dtype), output_type, truncate=True)
+    source = Path(pipe.source) if pipe.source else None
+    model_hash = infotext_io.model_hash(source) if source is not None and source.is_file() else None
+    extra = dict(networks.infotext)
+    function_eta = "eta" in inspect.signature(KDIFFUSION_SAMPLERS[choice.label].function).parameters
+    if function_eta and eta is not None and eta != 1.0:
+        extra["Eta"] = eta
+    texts_out = [infotext_io.write(
+        p, neg, steps=steps, sampler=choice.label, schedule_type=choice.infotext_schedule_type,
+        cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height, model_hash=model_hash,
+        model=source.stem if source is not None and source.is_file() else (source.name if source else None),
+        variation_seed=subseeds[i] if strength_used else None, variation_seed_strength=strength_used,
+        denoising_strength=strength if init_image is not None else None,
+        ensd=webui.ensd if choice.uses_ensd(eta) else 0, rng=webui.source, extra=extra)
+        for i, (p, neg) in enumerate(zip(all_prompts, all_negatives))]
+    if not return_dict:
+        return images, nsfw
+    return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext,
+                            infotexts=texts_out)
 
 
 def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | None = None,
              image: ImageInput | None = None, strength: float = 0.8, height: int | None = None,
              width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+             eta: float | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
              seed: int | list[int] | None = None, latents: torch.Tensor | None = None,
              prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -426,7 +598,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              clip_skip: int | None = None, sampler: str | None = None,
              callback: Callable | None = None, callback_steps: int | None = None, progress: bool = True,
              a1111_prompts: bool = False, lora_dir: str | Path | None = None,
-             embeddings_dir: str | Path | None = None, mask_image: ImageInput | None = None):
+             embeddings_dir: str | Path | None = None, mask_image: ImageInput | None = None,
+             family: str | None = None, scheduler: str | None = None, rng: str | None = None,
+             eta_noise_seed_delta: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
+             s_min_uncond: float = 0.0, infotext: str | Path | PIL.Image.Image | None = None):
     """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
     pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
@@ -435,23 +610,48 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     prompt names their file (altdiff.lora.prompt_networks). `mask_image` with `image` inpaints as diffusers'
     StableDiffusionInpaintPipeline does with a 4-channel UNet (white = repaint).
 
+    Two sampler families. "diffusers" (the default) is diffusers' pipelines, draw for draw. "webui" is the
+    AUTOMATIC1111 webui 1.10's recipe (altdiff.webui_sampling): its sampler names (`sampler="Euler a"`,
+    "DPM++ 2M Karras", ...) and schedule types (`scheduler`), its noise (`rng` "GPU" | "CPU" | "NV", one
+    generator per image, `seed` + i per image, `eta_noise_seed_delta`, `subseed`/`subseed_strength`), its
+    prompt schedules and CFG denoiser (`s_min_uncond`), its truncating uint8 conversion. `family=None`
+    picks "webui" when `infotext` is given, when `sampler` is a webui name that is not a diffusers-family
+    name, or when a webui-only argument is set. `eta=None` is the sampler's default (diffusers: 0; webui:
+    1 for ancestral samplers). `infotext` (a string, a PNG path or a PIL image carrying one) fills every
+    argument the call leaves at its default; arguments given explicitly win.
+
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
+    if infotext is not None:
+        return generate(**_from_infotext(infotext, {k: v for k, v in locals().items() if k != "infotext"}))
     # numpy scalars and 0-d tensors as Python numbers, so the checks and stages see plain ints and floats.
     (strength, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale,
      clip_skip, callback_steps) = map(plain, (strength, height, width, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, eta, guidance_rescale, clip_skip,
                                               callback_steps))
     cross_attention_kwargs = checks.cross_attention_kwargs(cross_attention_kwargs)
+    family = _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
+                     s_min_uncond)
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
                                callback_steps)
-    if seed is not None:
+    if family == "webui":
+        webui = _check_webui(sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
+                             s_min_uncond, generator, latents, prompt_embeds, negative_prompt_embeds,
+                             guidance_rescale, mask_image, callback_on_step_end_tensor_inputs)
+        sampler = None
+    elif seed is not None:
         generator = _generators_from_seed(seed)
     total = batch_size * num_images_per_prompt
     pipe = get_model(model)
     init_image, shape = _check_for_model(pipe, image, height, width, latents, prompt_embeds,
-                                         negative_prompt_embeds, total, a1111_prompts)
+                                         negative_prompt_embeds, total, a1111_prompts or family == "webui")
+    if family == "webui":
+        return _generate_webui(pipe, webui, prompt, negative_prompt, num_images_per_prompt, shape, init_image,
+                               strength, num_inference_steps, guidance_scale, eta, seed, clip_skip,
+                               cross_attention_kwargs, output_type, return_dict, callback_on_step_end, callback,
+                               callback_steps, progress, lora_dir, embeddings_dir)
+    eta = eta or 0.0
     if mask_image is not None:
         if image is None:
             raise ValueError("mask_image: inpainting needs `image`, the picture the mask applies to")

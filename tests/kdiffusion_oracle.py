@@ -41,6 +41,11 @@ def _stand_ins() -> None:
                         "torchvision.transforms.functional": transforms.functional})
 
 
+# diffusers and transformers look up which packages exist when first imported; they must see the real ones,
+# not the stand-ins below (a module without __spec__ makes importlib.util.find_spec raise).
+import diffusers  # noqa: E402, F401
+import transformers  # noqa: E402, F401
+
 _root = _package_dir()
 if not isinstance(sys.modules.get("k_diffusion"), types.ModuleType) or not hasattr(sys.modules["k_diffusion"],
                                                                                    "sampling"):

@@ -1,0 +1,178 @@
+"""The webui family's pieces for generate(): the AUTOMATIC1111 webui 1.10's sampling recipe (processing.py,
+sd_samplers_kdiffusion.py KDiffusionSampler.sample / sample_img2img) on altdiff's UNet.
+
+- The model's noise schedule as the webui's LDM model holds it: alphas_cumprod computed in float64 and stored
+  as float32 (diffusers computes it in float32; the last bits differ).
+- Sampler names as the webui reads them (get_sampler_and_scheduler: "DPM++ 2M Karras" is DPM++ 2M with the
+  Karras schedule type), its sigmas (k_schedules.webui_sigmas) and the arguments it passes (k_samplers).
+- Conditioning through the webui's prompt schedules (altdiff.conditioning), one encoder call per prompt.
+- Noise from rng.ImageRNG (one generator per image, ENSD, variation seeds); SDE samplers get the Brownian
+  noise the webui builds from the images' seeds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import conditioning, prompts
+from .cfg_denoiser import CFGDenoiser
+from .k_samplers import KDIFFUSION_SAMPLERS, find_k_sampler, webui_sampler_kwargs
+from .k_schedules import SCHEDULE_TYPES, compvis_denoiser, find_schedule_type, training_sigmas, webui_sigmas
+from .rng import BrownianTreeNoise, ImageRNG, rng_noise_sampler
+
+DEFAULT_SAMPLER = "DPM++ 2M"  # the webui's first sampler, its default in the UI
+SEED_LIMIT = 4294967294  # processing.get_fixed_seed: -1 picks random.randrange(4294967294)
+
+
+@dataclass(frozen=True)
+class WebuiSampler:
+    label: str  # the webui's sampler name
+    schedule_type: str  # the label of the schedule type asked for ("Automatic" = the sampler's own)
+
+    @property
+    def options(self) -> dict:
+        return KDIFFUSION_SAMPLERS[self.label].options
+
+    @property
+    def infotext_schedule_type(self) -> str:
+        """What the webui writes as "Schedule type": the schedule actually used when Automatic resolved to
+        the sampler's own (get_sigmas records it), else the label asked for."""
+        own = self.options.get("scheduler")
+        if self.schedule_type == "Automatic" and own is not None:
+            return find_schedule_type(own).label
+        return self.schedule_type
+
+    def total_steps(self, steps: int) -> int:
+        """The denoiser calls the prompt schedules are made for (SamplerData.total_steps)."""
+        return steps * 2 if self.options.get("second_order") else steps
+
+    def uses_ensd(self, eta: float | None) -> bool:
+        """processing.is_sampler_using_eta_noise_seed_delta: whether the infotext records ENSD."""
+        return bool(self.options.get("uses_ensd")) and (1.0 if eta is None else eta) != 0
+
+
+def is_webui_sampler(name: str) -> bool:
+    try:
+        resolve(name, None)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve(sampler: str | None, scheduler: str | None) -> WebuiSampler:
+    """get_sampler_and_scheduler: a trailing schedule type in the sampler's name ("DPM++ 2M Karras", "LMS
+    Karras") is split off and wins over `scheduler`; a schedule type equal to the sampler's own becomes
+    Automatic. Unknown names are a ValueError (the webui silently falls back to its default sampler)."""
+    name = sampler or DEFAULT_SAMPLER
+    if not isinstance(name, str):
+        raise TypeError(f"sampler: expected a webui sampler name, got {type(name).__name__}")
+    schedule = find_schedule_type(scheduler) if scheduler else SCHEDULE_TYPES[0]
+    for candidate in SCHEDULE_TYPES:
+        suffix = next((o for o in (candidate.label, candidate.name, *(candidate.aliases or ()))
+                       if name.endswith(" " + o)), None)
+        if suffix:
+            name, schedule = name[:-len(suffix) - 1], candidate
+            break
+    label = find_k_sampler(name)
+    if KDIFFUSION_SAMPLERS[label].options.get("scheduler") == schedule.name:
+        schedule = SCHEDULE_TYPES[0]
+    return WebuiSampler(label, schedule.label)
+
+
+def ldm_alphas_cumprod(config) -> torch.Tensor:
+    """ldm's DDPM.register_schedule for the model's betas: float64 maths, a float32 buffer."""
+    n = config.num_train_timesteps or 1000
+    start, end = config.beta_start or 0.0001, config.beta_end or 0.02
+    kind = config.beta_schedule or "linear"
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas, dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64).numpy() ** 2
+    elif kind == "linear":
+        betas = torch.linspace(start, end, n, dtype=torch.float64).numpy()
+    else:
+        raise ValueError(f"scheduler config: beta_schedule {kind!r} has no webui equivalent here "
+                         "(expected scaled_linear or linear)")
+    return torch.tensor(np.cumprod(1.0 - betas, axis=0), dtype=torch.float32)
+
+
+def fixed_seeds(seed, total: int, name: str = "seed") -> list[int]:
+    """The webui's all_seeds: an int (-1 or None: random) counts up per image; a list gives each image's."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != total:
+            raise ValueError(f"{name}: a list of {len(seed)} seeds was passed but the batch has {total} images")
+        return [int(s) for s in seed]
+    base = random.randrange(SEED_LIMIT) if seed is None or seed == -1 else int(seed)
+    return [base + i for i in range(total)]
+
+
+def encoder(pipe, device, clip_skip: int | None) -> Callable[[list[str]], torch.Tensor]:
+    """One webui encoder call (model.get_learned_conditioning): texts padded to one chunk count, emphasis
+    mean per text."""
+    return lambda texts: prompts.encode(pipe.tokenizer, pipe.text_encoder, texts, device, clip_skip)
+
+
+def conds(pipe, prompt_list: list[str], negative_list: list[str], total_steps: int, clip_skip: int | None):
+    """(c, uc): the multicond schedules of the prompts and the schedules of the negative prompts, one per
+    image, as processing.setup_conds makes them."""
+    encode = encoder(pipe, pipe.device, clip_skip)
+    uc = conditioning.get_learned_conditioning(encode, negative_list, total_steps)
+    c = conditioning.get_multicond_learned_conditioning(encode, prompt_list, total_steps)
+    return c, uc
+
+
+def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, seeds: list[int], *, steps: int,
+           cfg_scale: float, eta: float | None, s_min_uncond: float, init_latent: torch.Tensor | None = None,
+           strength: float | None = None, cross_attention_kwargs: dict | None = None,
+           callback: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """KDiffusionSampler.sample (txt2img) or sample_img2img (with `init_latent` and `strength`): the final
+    latents. The first rng.next() is the starting noise; every later draw a sampler makes comes from it too."""
+    alphas_cumprod = ldm_alphas_cumprod(pipe.scheduler_config)
+    model_sigmas = training_sigmas(alphas_cumprod)
+    prediction_type = pipe.scheduler_config.prediction_type or "epsilon"
+
+    def eps(x, t, cond):
+        return unet(x.to(dtype), t, cond.to(dtype), cross_attention_kwargs=cross_attention_kwargs).float()
+
+    device = pipe.device
+    inner = compvis_denoiser(eps, alphas_cumprod.to(device), prediction_type)
+    denoiser = CFGDenoiser(inner, c, uc, cfg_scale, s_min_uncond)
+    function = KDIFFUSION_SAMPLERS[choice.label].function
+    discard = bool(choice.options.get("discard_next_to_last_sigma"))
+    noise = rng.next().to(device)
+    if init_latent is None:
+        sigmas = webui_sigmas(choice.schedule_type, steps, model_sigmas, discard,
+                              choice.options.get("scheduler"))
+        x = noise * sigmas[0].to(device)
+        run_sigmas = sigmas
+        kwargs = webui_sampler_kwargs(choice.label, sigmas, model_sigmas, steps, eta=eta)
+    else:
+        # setup_img2img_steps with img2img_fix_steps off: t_enc of the full schedule's steps run.
+        t_enc = int(min(strength, 0.999) * steps)
+        sigmas = webui_sigmas(choice.schedule_type, steps, model_sigmas, discard,
+                              choice.options.get("scheduler"))
+        run_sigmas = sigmas[steps - t_enc - 1:]
+        x = init_latent + noise * run_sigmas[0].to(device)
+        kwargs = webui_sampler_kwargs(choice.label, run_sigmas, model_sigmas, steps, img2img=True, eta=eta)
+    if "sigmas" in kwargs:
+        kwargs["sigmas"] = kwargs["sigmas"].to(device)
+    if choice.options.get("brownian_noise"):
+        positive = sigmas[sigmas > 0]
+        noise_sampler = BrownianTreeNoise(x, positive.min(), sigmas.max(), seeds)
+    else:
+        noise_sampler = rng_noise_sampler(rng)
+    if "noise_sampler" in inspect.signature(function).parameters:
+        kwargs["noise_sampler"] = noise_sampler
+    return function(denoiser, x, extra_args={}, callback=callback, disable=True, **kwargs)
+
+
+def to_uint8(decoded: torch.Tensor) -> list[np.ndarray]:
+    """processing.py's conversion: clamp((x + 1) / 2), then 255 * x truncated to uint8 (not rounded)."""
+    x = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    return [(255.0 * np.moveaxis(img.cpu().numpy(), 0, 2)).astype(np.uint8) for img in x]

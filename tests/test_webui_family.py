@@ -1,0 +1,250 @@
+"""generate()'s webui family against k-diffusion 0.1.1.post1 driven by the AUTOMATIC1111 webui 1.10's recipe,
+written out here from its source (processing.py, sd_samplers_kdiffusion.py KDiffusionSampler.sample,
+sd_samplers_cfg_denoiser.py CFGDenoiser, rng.py ImageRNG): k-diffusion's CompVisDenoiser over diffusers' UNet
+and the ldm model's float64-then-float32 alphas_cumprod, its sigma functions, the starting noise from one
+torch generator per image, k-diffusion's torch.randn_like routed to those generators (the webui's
+TorchHijack), its BrownianTreeNoiseSampler with the images' seeds, and the webui's truncating uint8 conversion."""
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from kdiffusion_oracle import external, sampling
+
+import altdiff
+from altdiff import infotext, prompts
+
+STEPS = 3
+SIZE = 32
+PROMPT = "a cat wearing a hat"
+NEGATIVE = "oil painting"
+
+# webui label -> (k-diffusion function name, the schedule its Automatic resolves to, discard_next_to_last_sigma)
+GRID = {
+    "DPM++ 2M": ("sample_dpmpp_2m", "karras", False),
+    "DPM++ SDE": ("sample_dpmpp_sde", "karras", False),
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "exponential", False),
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", "karras", False),
+    "Euler a": ("sample_euler_ancestral", "uniform", False),
+    "Euler": ("sample_euler", "uniform", False),
+    "LMS": ("sample_lms", "uniform", False),
+    "Heun": ("sample_heun", "uniform", False),
+    "DPM2 a": ("sample_dpm_2_ancestral", "karras", True),
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "exponential", True),
+}
+
+
+@pytest.fixture(scope="module")
+def pipes(m9_folder):
+    return altdiff.load(str(m9_folder), safety_checker=False), tiny.load_reference(m9_folder)
+
+
+class _LDM(torch.nn.Module):
+    """What k-diffusion's CompVisDenoiser wraps: apply_model(x, t, cond) and the ldm alphas_cumprod."""
+
+    def __init__(self, unet, config):
+        super().__init__()
+        self.unet = unet
+        betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5,
+                               config["num_train_timesteps"], dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+
+def _webui_reference(ref, pipe, label, seeds, *, prompt=PROMPT, negative=NEGATIVE, scale=7.0,
+                     ensd=0, schedule=None):
+    """The webui's txt2img for `label` (Automatic schedule unless `schedule`): final latents and uint8 images."""
+    name, automatic, discard = GRID[label]
+    schedule = schedule or automatic
+    n = len(seeds)
+    with torch.no_grad():
+        cond = prompts.encode(pipe.tokenizer, pipe.text_encoder, [prompt] * n, pipe.device)
+        uncond = prompts.encode(pipe.tokenizer, pipe.text_encoder, [negative] * n, pipe.device)
+        model = external.CompVisDenoiser(_LDM(ref.unet, ref.scheduler.config))
+        n_sigmas = STEPS + 1 if discard else STEPS
+        if schedule == "uniform":
+            sigmas = model.get_sigmas(n_sigmas)
+        else:
+            kw = dict(n=n_sigmas, sigma_min=model.sigmas[0].item(), sigma_max=model.sigmas[-1].item())
+            sigmas = getattr(sampling, f"get_sigmas_{schedule}")(**kw)
+        if discard:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        shape = (4, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        x = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        if ensd:
+            generators = [torch.Generator().manual_seed(s + ensd) for s in seeds]
+
+        def cfg(x, sigma, **_):
+            out = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+            c, u = out[:n], out[n:]
+            return u + (c - u) * scale
+
+        class Hijack:
+            def __getattr__(self, item):
+                return getattr(torch, item)
+
+            @staticmethod
+            def randn_like(x):
+                return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+        saved, sampling.torch = sampling.torch, Hijack()
+        try:
+            function = getattr(sampling, name)
+            kwargs = {}
+            if "sde" in name:  # the brownian_noise samplers
+                kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(
+                    x, sigmas[sigmas > 0].min(), sigmas.max(), seed=list(seeds))
+            latents = function(cfg, x * sigmas[0], sigmas, disable=True, **kwargs)
+        finally:
+            sampling.torch = saved
+        # altdiff's VAE (equal to diffusers' within ~4e-6, tests/test_vae.py): the webui's truncation would turn
+        # that float noise into a rare 1-level flip; this compares the sampling and the conversion exactly.
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+        images = np.stack([(255.0 * np.moveaxis(d.numpy(), 0, 2)).astype(np.uint8)
+                           for d in torch.clamp((decoded + 1.0) / 2.0, 0, 1)])
+    return latents, images
+
+
+def _altdiff(pipe, label, seeds, **kw):
+    latents = altdiff.generate(PROMPT, model=pipe, negative_prompt=NEGATIVE, sampler=label,
+                               num_inference_steps=STEPS, guidance_scale=7.0, width=SIZE, height=SIZE,
+                               seed=list(seeds), num_images_per_prompt=len(seeds), output_type="latent",
+                               progress=False, **kw).images
+    images = altdiff.generate(PROMPT, model=pipe, negative_prompt=NEGATIVE, sampler=label,
+                              num_inference_steps=STEPS, guidance_scale=7.0, width=SIZE, height=SIZE,
+                              seed=list(seeds), num_images_per_prompt=len(seeds), progress=False, **kw)
+    return latents, np.stack([np.asarray(i) for i in images.images]), images.infotexts
+
+
+@pytest.mark.parametrize("label", list(GRID))
+def test_every_sampler_equals_the_webui_recipe(pipes, label):
+    pipe, ref = pipes
+    seeds = [1234, 99]
+    ref_latents, ref_images = _webui_reference(ref, pipe, label, seeds)
+    latents, images, texts = _altdiff(pipe, label, seeds)
+    assert (latents - ref_latents).abs().max().item() <= 1e-4
+    # LMS: k-diffusion integrates its coefficients with scipy's quad, altdiff exactly (1e-7 relative apart),
+    # which the truncating conversion can turn into a 1-level flip. Every other sampler is exact.
+    tolerance = 1 if label == "LMS" else 0
+    assert np.abs(images.astype(int) - ref_images.astype(int)).max() <= tolerance
+    assert f"Sampler: {label}," in texts[0] and "Seed: 1234," in texts[0] and "Seed: 99," in texts[1]
+
+
+def test_the_prompt_and_seed_move_the_image(pipes):
+    """The equalities above could not hold by accident: another prompt or seed moves the image by many
+    levels."""
+    pipe, ref = pipes
+    _, base, _ = _altdiff(pipe, "Euler a", [1234])
+    _, other = _webui_reference(ref, pipe, "Euler a", [1234], prompt="un chat portant un chapeau")
+    _, other_seed = _webui_reference(ref, pipe, "Euler a", [5])
+    assert np.abs(base.astype(int) - other.astype(int)).max() > 30
+    assert np.abs(base.astype(int) - other_seed.astype(int)).max() > 30
+
+
+@pytest.mark.parametrize("schedule", ["karras", "exponential"])
+def test_schedule_types(pipes, schedule):
+    pipe, ref = pipes
+    ref_latents, _ = _webui_reference(ref, pipe, "Euler", [7], schedule=schedule)
+    latents, _, texts = _altdiff(pipe, "Euler", [7], scheduler=schedule.capitalize())
+    assert (latents - ref_latents).abs().max().item() <= 1e-4
+    assert f"Schedule type: {schedule.capitalize()}" in texts[0]
+
+
+def test_ensd_reseeds_the_ancestral_noise(pipes):
+    pipe, ref = pipes
+    ref_latents, _ = _webui_reference(ref, pipe, "Euler a", [1234], ensd=31337)
+    latents, _, texts = _altdiff(pipe, "Euler a", [1234], eta_noise_seed_delta=31337)
+    plain, _, _ = _altdiff(pipe, "Euler a", [1234])
+    assert (latents - ref_latents).abs().max().item() <= 1e-4
+    assert (latents - plain).abs().max().item() > 1e-2
+    assert "ENSD: 31337" in texts[0]
+
+
+def test_old_sampler_names_and_int_seeds_count_up(pipes):
+    pipe, _ = pipes
+    old = altdiff.generate(PROMPT, model=pipe, sampler="DPM++ 2M Karras", num_inference_steps=STEPS,
+                           width=SIZE, height=SIZE, seed=5, num_images_per_prompt=2, output_type="latent",
+                           progress=False)
+    new = altdiff.generate(PROMPT, model=pipe, sampler="DPM++ 2M", scheduler="Karras",
+                           num_inference_steps=STEPS, width=SIZE, height=SIZE, seed=[5, 6],
+                           num_images_per_prompt=2, output_type="latent", progress=False)
+    assert torch.equal(old.images, new.images)
+    assert "Seed: 6," in old.infotexts[1]
+
+
+def test_variation_seeds_with_ancestral_and_sde_samplers_repeat(pipes):
+    """Two identical calls give identical images: every draw comes from the images' generators (the bug: an
+    ancestral sampler with variation seeds drew from torch's global RNG)."""
+    pipe, _ = pipes
+    for label in ("Euler a", "DPM++ 2M SDE"):
+        runs = [altdiff.generate(PROMPT, model=pipe, sampler=label, num_inference_steps=STEPS, width=SIZE,
+                                 height=SIZE, seed=3, subseed=8, subseed_strength=0.4, output_type="latent",
+                                 progress=False) for _ in range(2)]
+        torch.manual_seed(len(label))  # the global RNG must not matter
+        assert torch.equal(runs[0].images, runs[1].images)
+        assert "Variation seed: 8, Variation seed strength: 0.4" in runs[0].infotexts[0]
+
+
+def test_long_prompt_and_short_negative_run_separate_calls(pipes):
+    """A 4-chunk prompt with a 1-chunk negative prompt: the webui runs cond and uncond as separate UNet calls
+    instead of padding the negative prompt."""
+    pipe, ref = pipes
+    long_prompt = ", ".join(["a cat wearing a hat"] * 40)
+    assert pipe.tokenizer and len(prompts.tokenize_chunks(pipe.tokenizer, long_prompt)) >= 4
+    calls = []
+    unet = pipe.unet
+
+    def spy(module, args, kwargs, out):
+        calls.append(args[0].shape[0])
+
+    handle = unet.register_forward_hook(spy, with_kwargs=True)
+    try:
+        altdiff.generate(long_prompt, model=pipe, sampler="Euler", num_inference_steps=2, width=SIZE,
+                         height=SIZE, seed=1, output_type="latent", progress=False)
+    finally:
+        handle.remove()
+    assert calls == [1, 1, 1, 1]  # per step: cond, then uncond
+
+
+def test_infotext_round_trip(pipes, tmp_path):
+    pipe, _ = pipes
+    result = altdiff.generate(PROMPT, model=pipe, negative_prompt=NEGATIVE, sampler="DPM++ 2S a",
+                              num_inference_steps=STEPS, width=SIZE, height=SIZE, seed=42, rng="NV",
+                              eta_noise_seed_delta=31337, progress=False)
+    path = tmp_path / "image.png"
+    from altdiff.images import save_png
+    save_png(result.images[0], path, result.infotexts[0])
+    again = altdiff.generate(infotext=str(path), model=pipe, progress=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+    assert again.infotexts[0] == result.infotexts[0]
+    assert "RNG: NV" in result.infotexts[0] and "ENSD: 31337" in result.infotexts[0]
+    prompt, negative, params = infotext.parse(result.infotexts[0])
+    assert (prompt, negative, params["Sampler"]) == (PROMPT, NEGATIVE, "DPM++ 2S a")
+
+
+def test_errors_name_the_argument(pipes):
+    pipe, _ = pipes
+    cases = [(dict(sampler="Euler a", generator=torch.Generator()), "generator"),
+             (dict(sampler="Euler a", clip_skip=2), "clip_skip"),
+             (dict(sampler="No such sampler", family="webui"), "sampler"),
+             (dict(sampler="Euler", scheduler="Nope"), "scheduler"),
+             (dict(sampler="Euler", rng="TPU"), "rng"),
+             (dict(family="other"), "family"),
+             (dict(sampler="Euler", guidance_rescale=0.5), "guidance_rescale")]
+    for kwargs, name in cases:
+        with pytest.raises(ValueError, match=name):
+            altdiff.generate(PROMPT, model=pipe, num_inference_steps=2, width=SIZE, height=SIZE,
+                             progress=False, **kwargs)
+
+
+def test_diffusers_names_keep_the_diffusers_family(pipes):
+    """sampler="euler_a" (altdiff's diffusers-family name) stays diffusers: equal to an explicit family."""
+    pipe, _ = pipes
+    a = altdiff.generate(PROMPT, model=pipe, sampler="euler_a", num_inference_steps=2, width=SIZE, height=SIZE,
+                         seed=1, output_type="latent", progress=False)
+    b = altdiff.generate(PROMPT, model=pipe, sampler="euler_a", family="diffusers", num_inference_steps=2,
+                         width=SIZE, height=SIZE, seed=1, output_type="latent", progress=False)
+    assert torch.equal(a.images, b.images) and a.infotexts == []
