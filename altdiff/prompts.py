@@ -91,6 +91,17 @@ def parse_tags(text: str) -> tuple[str, list[LoraTag]]:
 
 
 
+_LINE_COMMENT = re.compile(r"(^|\n)#[^\n]*(\n|$)")
+_TRAILING_COMMENT = re.compile(r"#[^\n]*(\n|$)")
+
+
+def strip_comments(text: str) -> str:
+    """The prompt without `#` comments (from '#' to the end of the line, the line break kept), as the webui
+    1.10 reads prompts by default ("Enable comments", modules/processing_scripts/comments.py): before the
+    `<lora:...>` tags, AND, prompt editing and emphasis are read."""
+    return _TRAILING_COMMENT.sub("\n", _LINE_COMMENT.sub("\n", text))
+
+
 _ATTENTION = re.compile(r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|     # escapes, and a lone backslash
 \(|\[|
