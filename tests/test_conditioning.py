@@ -249,3 +249,23 @@ def test_and_weights():
     conds_list, tensor = reconstruct_multicond_batch(c, 1)
     assert conds_list == [[(0, 1.0), (1, 2.0)], [(2, 1.0)]]
     assert torch.equal(tensor[1], encode.vector(" b")) and torch.equal(tensor[2], encode.vector("b"))
+
+
+def test_plain_prompts_give_todays_embeddings(m9_folder):
+    """On the tiny model: the conditioning of plain prompts (of one chunk count) is exactly what generate()'s
+    a1111 prompt reading encodes today, for the prompt and for the negative prompt."""
+    import altdiff
+    from altdiff import prompts as prompt_reading
+
+    pipe = altdiff.load(m9_folder, device="cpu", dtype=torch.float32)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return prompt_reading.encode(pipe.tokenizer, pipe.text_encoder, texts, torch.device("cpu"))
+    texts, negatives = ["a cat (on:1.2) a mat", "a dog"], ["", "ugly"]
+    expected, expected_negative = pipe.encode_prompt(texts, "cpu", 1, True, negatives, a1111_prompts=True)
+    _, cond = reconstruct_multicond_batch(get_multicond_learned_conditioning(encode, texts, 20), 1)
+    uncond = reconstruct_cond_batch(get_learned_conditioning(encode, negatives, 20), 1)
+    assert torch.equal(cond, expected) and torch.equal(uncond, expected_negative)
+    edited = reconstruct_cond_batch(get_learned_conditioning(encode, ["a [cat:dog:5] (on:1.2) a mat"], 20), 6)
+    assert not torch.equal(edited[0], expected[0])  # sensitivity: an edit at step 5 changes step 6
+    assert torch.equal(edited[0], encode(["a dog (on:1.2) a mat"])[0])
