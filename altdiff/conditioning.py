@@ -2,9 +2,11 @@
 becomes a schedule of texts (prompt editing `[a:b:when]`, alternation `[a|b]`), `AND` splits it into weighted
 sub-prompts (composable diffusion), and each step's conditioning batch is rebuilt from the schedules.
 
-`encode(texts) -> Tensor [len(texts), tokens, width]` stands for the webui's `model.get_learned_conditioning`:
-one encoder call per prompt, given that prompt's distinct scheduled texts together (the call pads them to one
-chunk count, as the webui's encoder does).
+`encode(texts) -> Tensor [len(texts), tokens, width]` stands for the webui's
+`model.get_learned_conditioning`: one encoder call per prompt, given that prompt's scheduled texts together,
+repeats included (the call pads them to one chunk count, and the webui's emphasis keeps the mean of the whole
+call: `prompts.encode(..., joint_mean=True)`, where a repeated text weighs in the mean as often as it is
+scheduled).
 """
 
 from __future__ import annotations
@@ -49,15 +51,15 @@ def get_learned_conditioning_prompt_schedules(prompts: list[str], base_steps: in
 
 def get_learned_conditioning(encode: Encode, prompts: list[str], steps: int,
                              hires_steps: int | None = None) -> list[list[ScheduledPromptConditioning]]:
-    """Each prompt's schedule with its texts encoded: one `encode` call per distinct prompt, giving it the
-    prompt's distinct texts (the webui gives them all, repeats included; the result is the same)."""
+    """Each prompt's schedule with its texts encoded: one `encode` call per distinct prompt, given all the
+    prompt's scheduled texts, as the webui."""
     result, cache = [], {}
     schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
     for prompt, schedule in zip(prompts, schedules):
         if prompt not in cache:
-            row = {text: i for i, text in enumerate(dict.fromkeys(text for _, text in schedule))}
-            conds = encode(list(row))
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[row[text]]) for end, text in schedule]
+            conds = encode([text for _, text in schedule])
+            cache[prompt] = [ScheduledPromptConditioning(end, cond)
+                             for (end, _), cond in zip(schedule, conds)]
         result.append(cache[prompt])
     return result
 

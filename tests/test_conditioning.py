@@ -232,7 +232,7 @@ def test_schedule_is_linear_time():
 def test_scheduled_texts_share_one_encoder_call():
     encode = RecordingEncoder()
     conds = get_learned_conditioning(encode, ["a [cat:dog:2]", "[x|y] z", "a [cat:dog:2]"], 5)
-    assert encode.calls == [["a cat", "a dog"], ["x z", "y z"]]
+    assert encode.calls == [["a cat", "a dog"], ["x z", "y z", "x z", "y z", "x z"]]
     assert [c.end_at_step for c in conds[0]] == [2, 5]
     assert [c.end_at_step for c in conds[1]] == [1, 2, 3, 4, 5]
     assert torch.equal(conds[1][2].cond, encode.vector("x z"))
@@ -260,7 +260,8 @@ def test_plain_prompts_give_todays_embeddings(m9_folder):
     pipe = altdiff.load(m9_folder, device="cpu", dtype=torch.float32)
 
     def encode(texts: list[str]) -> torch.Tensor:
-        return prompt_reading.encode(pipe.tokenizer, pipe.text_encoder, texts, torch.device("cpu"))
+        return prompt_reading.encode(pipe.tokenizer, pipe.text_encoder, texts, torch.device("cpu"),
+                                     joint_mean=True)
     texts, negatives = ["a cat (on:1.2) a mat", "a dog"], ["", "ugly"]
     expected, expected_negative = pipe.encode_prompt(texts, "cpu", 1, True, negatives, a1111_prompts=True)
     _, cond = reconstruct_multicond_batch(get_multicond_learned_conditioning(encode, texts, 20), 1)
@@ -268,4 +269,6 @@ def test_plain_prompts_give_todays_embeddings(m9_folder):
     assert torch.equal(cond, expected) and torch.equal(uncond, expected_negative)
     edited = reconstruct_cond_batch(get_learned_conditioning(encode, ["a [cat:dog:5] (on:1.2) a mat"], 20), 6)
     assert not torch.equal(edited[0], expected[0])  # sensitivity: an edit at step 5 changes step 6
-    assert torch.equal(edited[0], encode(["a dog (on:1.2) a mat"])[0])
+    # Both scheduled texts are one call, and the emphasis keeps their joint mean, as the webui's.
+    assert torch.equal(edited[0], encode(["a cat (on:1.2) a mat", "a dog (on:1.2) a mat"])[1])
+    assert not torch.equal(edited[0], encode(["a dog (on:1.2) a mat"])[0])

@@ -237,3 +237,12 @@ def test_unclosed_brackets_apply_one_by_one_in_linear_time():
 def test_strip_comments(text, expected):
     from altdiff.prompts import strip_comments
     assert strip_comments(text) == expected
+
+
+def test_emphasize_joint_mean_is_the_batch_mean():
+    z = torch.tensor([[[1.0], [3.0]], [[2.0], [2.0]]])
+    weights = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
+    # The batch holds 1, 3, 2, 2 (mean 2) and becomes 1, 6, 2, 2 (mean 11/4): all rescaled by 2 / (11/4).
+    expected = z * weights[:, :, None] * (2 / (11 / 4))
+    assert torch.allclose(emphasize(z, weights, joint_mean=True), expected)
+    assert not torch.allclose(emphasize(z, weights), expected)
