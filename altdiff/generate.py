@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from . import checks, prompts
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
-from .lora import prompt_networks, text_encoder_scale
+from .lora import text_encoder_scale
+from .networks import prompt_networks
 from .noise import randn_tensor
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .samplers import get_sampler
@@ -394,7 +395,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
     AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
-    prompt names their file (altdiff.lora.prompt_networks).
+    prompt names their file (altdiff.networks.prompt_networks).
 
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
     # numpy scalars and 0-d tensors as Python numbers, so the checks and stages see plain ints and floats.

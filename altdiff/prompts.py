@@ -13,7 +13,7 @@ chunk, and an image does not depend on the other prompts of its batch. A multi-v
 embedding that would straddle a chunk boundary moves whole into the next chunk, as in the webui's
 sd_hijack_clip.tokenize_line.
 
-`<lora:NAME:w>` tags are taken out of a prompt by `parse_tags` (altdiff.lora.prompt_networks applies them) before
+`<lora:NAME:w>` tags are taken out of a prompt by `parse_tags` (altdiff.networks.prompt_networks applies them) before
 the rest is read.
 """
 
