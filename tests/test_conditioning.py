@@ -1,7 +1,11 @@
 """altdiff.conditioning against the webui's prompt_parser contract: schedules, the per-prompt encoder calls,
 AND weights and the per-step batch rebuild."""
 
+import lark
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from altdiff.conditioning import (
     get_learned_conditioning,
@@ -11,6 +15,7 @@ from altdiff.conditioning import (
     reconstruct_cond_batch,
     reconstruct_multicond_batch,
 )
+from altdiff.prompt_schedule import parse
 
 
 class RecordingEncoder:
@@ -58,13 +63,6 @@ def test_and_free_multicond_weight_one():
 
 
 # --- Prompt editing and alternation ---------------------------------------------------------------------
-
-import lark  # noqa: E402  (test-only oracle)
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from altdiff.prompt_schedule import parse  # noqa: E402
 
 # The webui 1.10 prompt grammar (modules/prompt_parser.py), data for the lark oracle.
 GRAMMAR = r"""
