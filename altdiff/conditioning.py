@@ -65,7 +65,26 @@ def get_learned_conditioning(encode: Encode, prompts: list[str], steps: int,
 
 
 _AND = re.compile(r"\bAND\b")
-_WEIGHT = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
+
+
+def _split_weight(sub: str) -> tuple[str, str | None]:
+    """A sub-prompt's text and its trailing `:weight`, as the webui's weight regex reads it (text from the
+    start, all leading whitespace kept, up to the last non-space before `: weight` or the trailing spaces; a
+    line break after the text's first non-space means no match: the sub-prompt whole, weight 1), in linear
+    time."""
+    lead = len(sub) - len(sub.lstrip())
+    rest = sub.rstrip()
+    colon = rest.rfind(":")
+    weight = rest[colon + 1:].lstrip() if colon >= 0 else ""
+    if _NUMBER.fullmatch(weight):
+        end = len(rest[:colon].rstrip())
+    else:
+        end, weight = len(rest), None
+    end = max(end, lead)
+    if "\n" in sub[lead:end]:
+        return sub, None
+    return sub[:end], weight
 
 
 def get_multicond_prompt_list(
@@ -79,8 +98,7 @@ def get_multicond_prompt_list(
     for prompt in prompts:
         pairs = []
         for sub in _AND.split(prompt):
-            match = _WEIGHT.search(sub)
-            text, weight = match.groups() if match else (sub, None)
+            text, weight = _split_weight(sub)
             if text not in index_of:
                 index_of[text] = len(flat)
                 flat.append(text)

@@ -270,3 +270,29 @@ def test_plain_prompts_give_todays_embeddings(m9_folder):
     # Both scheduled texts are one call, and the emphasis keeps their joint mean, as the webui's.
     assert torch.equal(edited[0], encode(["a cat (on:1.2) a mat", "a dog (on:1.2) a mat"])[1])
     assert not torch.equal(edited[0], encode(["a dog (on:1.2) a mat"])[0])
+
+
+# The webui's weight regex for an AND sub-prompt (prompt_parser.re_weight), as the oracle of its reading.
+WEBUI_WEIGHT = r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from([" ", "\n", "\t", "a", ":", "1", ".", "-", "+", "\u0661", "\u3000"]), max_size=14))
+def test_and_weights_read_as_the_webui_regex(sub):
+    import re
+
+    match = re.search(WEBUI_WEIGHT, sub)
+    text, weight = match.groups() if match else (sub, None)
+    indexes, flat, _ = get_multicond_prompt_list([sub])
+    assert flat == [text] and indexes == [[(0, float(weight) if weight is not None else 1.0)]]
+
+
+def test_and_weights_linear_time():
+    import time
+
+    def cost(n: int) -> float:
+        start = time.perf_counter()
+        get_multicond_prompt_list(["a" + " " * n + "x AND b" + " " * n + ":1"])
+        return time.perf_counter() - start
+    cost(10)
+    assert cost(80000) < 24 * cost(10000) + 0.05  # 8x the length: linear 8x, quadratic 64x
