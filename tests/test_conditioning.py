@@ -176,31 +176,36 @@ PIECES = st.sampled_from(["a", "b c", " ", "[", "]", "(", ")", ":", "|", "\\(", 
                           "-1", "1e1", "x:2", "\n"])
 
 
+CLEAN_PIECES = st.sampled_from(["a", "b c", " ", "\\(", "0.5", "3", " 2 ", ".3", "-1", "1e1", "\n"])
+
+
 @st.composite
-def prompts(draw, depth=0):
-    """Nested and mixed constructs, well formed or not."""
+def prompts(draw, depth=0, pieces=PIECES):
+    """Nested and mixed constructs, well formed or not (with stray brackets, `|` and backslashes among the
+    pieces)."""
     parts = []
     for _ in range(draw(st.integers(0, 4))):
         kind = draw(st.integers(0, 6 if depth < 3 else 0))
         if kind == 0:
-            parts.append(draw(PIECES))
+            parts.append(draw(pieces))
         elif kind == 1:
-            parts.append(f"[{draw(prompts(depth + 1))}:{draw(prompts(depth + 1))}:{draw(PIECES)}]")
+            when = draw(st.sampled_from(["3", " .5 ", "12", "0", "1.0", "-1", "1e1"]))
+            parts.append(f"[{draw(prompts(depth + 1, pieces))}:{draw(prompts(depth + 1, pieces))}:{when}]")
         elif kind == 2:
-            parts.append(f"[{draw(prompts(depth + 1))}:{draw(st.sampled_from(['3', ' .5 ', '12']))}]")
+            parts.append(f"[{draw(prompts(depth + 1, pieces))}:{draw(st.sampled_from(['3', ' .5 ', '12']))}]")
         elif kind == 3:
-            options = draw(st.lists(prompts(depth + 1), min_size=2, max_size=4))
+            options = draw(st.lists(prompts(depth + 1, pieces), min_size=2, max_size=4))
             parts.append("[" + "|".join(options) + "]")
         elif kind == 4:
-            parts.append(f"({draw(prompts(depth + 1))}:{draw(prompts(depth + 1))})")
+            parts.append(f"({draw(prompts(depth + 1, pieces))}:{draw(prompts(depth + 1, pieces))})")
         elif kind == 5:
-            parts.append(f"[{draw(prompts(depth + 1))}]")
+            parts.append(f"[{draw(prompts(depth + 1, pieces))}]")
         else:
-            parts.append(f"({draw(prompts(depth + 1))})")
+            parts.append(f"({draw(prompts(depth + 1, pieces))})")
     return "".join(parts)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(prompts(), st.integers(1, 12))
 def test_schedules_equal_the_grammar_oracle(prompt, steps):
     """Every prompt the grammar reads is read (the rest is literal text), and the schedules are equal where
@@ -211,6 +216,13 @@ def test_schedules_equal_the_grammar_oracle(prompt, steps):
     assert (parse(prompt) is None) == (tree is None)
     if tree is not None and not any(isinstance(child, lark.Token) for child in tree.children):
         assert g(prompt, steps) == oracle_schedule(prompt, steps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts(pieces=CLEAN_PIECES), st.integers(1, 12))
+def test_well_formed_schedules_equal_the_grammar_oracle(prompt, steps):
+    """Nested editing, alternation and emphasis without stray brackets: always the grammar's reading."""
+    assert g(prompt, steps) == oracle_schedule(prompt, steps)
 
 
 def test_schedule_is_linear_time():
