@@ -236,7 +236,7 @@ def test_schedule_is_linear_time():
             g(prompt, 10)
             runs.append(time.perf_counter() - start)
         return min(runs)
-    assert cost(16000) < 24 * cost(2000) + 0.05  # 8x the length: linear 8x, quadratic 64x
+    assert cost(16000) < 24 * cost(2000) + 0.1  # 8x the length: linear 8x, quadratic 64x
 
 
 def test_scheduled_texts_share_one_encoder_call():
@@ -303,8 +303,10 @@ def test_and_weights_linear_time():
     import time
 
     def cost(n: int) -> float:
-        start = time.perf_counter()
-        get_multicond_prompt_list(["a" + " " * n + "x AND b" + " " * n + ":1"])
-        return time.perf_counter() - start
-    cost(10)
-    assert cost(80000) < 24 * cost(10000) + 0.05  # 8x the length: linear 8x, quadratic 64x
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            get_multicond_prompt_list(["a" + " " * n + "x AND b" + " " * n + ":1"])
+            runs.append(time.perf_counter() - start)
+        return min(runs)
+    assert cost(80000) < 24 * cost(10000) + 0.1  # 8x the length: linear 8x, quadratic 64x

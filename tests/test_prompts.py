@@ -223,7 +223,7 @@ def test_unclosed_brackets_apply_one_by_one_in_linear_time():
             parse_prompt_attention("(a" * n + "[b" * n)
             runs.append(time.perf_counter() - start)
         return min(runs)
-    assert cost(32000) < 24 * cost(4000) + 0.05  # 8x the length: linear 8x, quadratic 64x
+    assert cost(32000) < 24 * cost(4000) + 0.1  # 8x the length: linear 8x, quadratic 64x
 
 
 @pytest.mark.parametrize("text,expected", [
