@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
 def _load_networks(pipe, args: argparse.Namespace) -> dict[str, str]:
     """Load --lora and --embedding files; the infotext fields naming them (embeddings: where a prompt uses
     them, as the webui records them)."""
-    from .lora import hashes_field, lora_hash
+    from .networks import hashes_field, lora_hash
     from .textual_inversion import embedding_hash, mentioned
 
     loras = {}

@@ -2,9 +2,11 @@
 becomes a schedule of texts (prompt editing `[a:b:when]`, alternation `[a|b]`), `AND` splits it into weighted
 sub-prompts (composable diffusion), and each step's conditioning batch is rebuilt from the schedules.
 
-`encode(texts) -> Tensor [len(texts), tokens, width]` stands for the webui's `model.get_learned_conditioning`:
-one encoder call per prompt, given that prompt's distinct scheduled texts together (the call pads them to one
-chunk count, as the webui's encoder does).
+`encode(texts) -> Tensor [len(texts), tokens, width]` stands for the webui's
+`model.get_learned_conditioning`: one encoder call per prompt, given that prompt's scheduled texts together,
+repeats included (the call pads them to one chunk count, and the webui's emphasis keeps the mean of the whole
+call: `prompts.encode(..., joint_mean=True)`, where a repeated text weighs in the mean as often as it is
+scheduled).
 """
 
 from __future__ import annotations
@@ -49,21 +51,40 @@ def get_learned_conditioning_prompt_schedules(prompts: list[str], base_steps: in
 
 def get_learned_conditioning(encode: Encode, prompts: list[str], steps: int,
                              hires_steps: int | None = None) -> list[list[ScheduledPromptConditioning]]:
-    """Each prompt's schedule with its texts encoded: one `encode` call per distinct prompt, giving it the
-    prompt's distinct texts (the webui gives them all, repeats included; the result is the same)."""
+    """Each prompt's schedule with its texts encoded: one `encode` call per distinct prompt, given all the
+    prompt's scheduled texts, as the webui."""
     result, cache = [], {}
     schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps)
     for prompt, schedule in zip(prompts, schedules):
         if prompt not in cache:
-            row = {text: i for i, text in enumerate(dict.fromkeys(text for _, text in schedule))}
-            conds = encode(list(row))
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[row[text]]) for end, text in schedule]
+            conds = encode([text for _, text in schedule])
+            cache[prompt] = [ScheduledPromptConditioning(end, cond)
+                             for (end, _), cond in zip(schedule, conds)]
         result.append(cache[prompt])
     return result
 
 
 _AND = re.compile(r"\bAND\b")
-_WEIGHT = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
+
+
+def _split_weight(sub: str) -> tuple[str, str | None]:
+    """A sub-prompt's text and its trailing `:weight`, as the webui's weight regex reads it (text from the
+    start, all leading whitespace kept, up to the last non-space before `: weight` or the trailing spaces; a
+    line break after the text's first non-space means no match: the sub-prompt whole, weight 1), in linear
+    time."""
+    lead = len(sub) - len(sub.lstrip())
+    rest = sub.rstrip()
+    colon = rest.rfind(":")
+    weight = rest[colon + 1:].lstrip() if colon >= 0 else ""
+    if _NUMBER.fullmatch(weight):
+        end = len(rest[:colon].rstrip())
+    else:
+        end, weight = len(rest), None
+    end = max(end, lead)
+    if "\n" in sub[lead:end]:
+        return sub, None
+    return sub[:end], weight
 
 
 def get_multicond_prompt_list(
@@ -77,8 +98,7 @@ def get_multicond_prompt_list(
     for prompt in prompts:
         pairs = []
         for sub in _AND.split(prompt):
-            match = _WEIGHT.search(sub)
-            text, weight = match.groups() if match else (sub, None)
+            text, weight = _split_weight(sub)
             if text not in index_of:
                 index_of[text] = len(flat)
                 flat.append(text)

@@ -25,7 +25,8 @@ from . import infotext as infotext_io
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .k_samplers import KDIFFUSION_SAMPLERS
-from .lora import prompt_networks, text_encoder_scale
+from .lora import text_encoder_scale
+from .networks import prompt_networks
 from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .rng import SOURCES, ImageRNG, randn_tensor
 from .samplers import SAMPLERS, get_sampler
@@ -607,7 +608,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
     AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
-    prompt names their file (altdiff.lora.prompt_networks). `mask_image` with `image` inpaints as diffusers'
+    prompt names their file (altdiff.networks.prompt_networks). `mask_image` with `image` inpaints as diffusers'
     StableDiffusionInpaintPipeline does with a 4-channel UNet (white = repaint).
 
     Two sampler families. "diffusers" (the default) is diffusers' pipelines, draw for draw. "webui" is the

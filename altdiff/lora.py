@@ -28,8 +28,7 @@ transformers' own names):
 Layers on modules the model does not run (the XLM-R pooler) are skipped, as the checkpoint keys are. Other
 LyCORIS kinds are refused with the reason (`REFUSED_PARTS`).
 
-`prompt_networks` applies the webui's `<lora:NAME:w>` prompt tags (and embeddings by file name, see
-altdiff.textual_inversion) for one generate() call.
+The webui's `<lora:NAME:w>` prompt tags are applied by altdiff.networks.
 """
 
 from __future__ import annotations
@@ -51,12 +50,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import textual_inversion
 from .atomic import atomic_path
 from .checks import all_finite, as_number, is_number, plain
-from .prompts import LoraTag, parse_tags
 from .text_encoder import IGNORED_KEYS
-from .weights import WeightsError, file_hash, file_stamp, read_state_dict
+from .weights import WeightsError, read_state_dict
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -670,121 +667,3 @@ def _peft_config(layers: dict[str, Lora]) -> dict:
             "rank_pattern": {p: v for p, v in ranks.items() if v != r},
             "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
             "use_dora": False, "lora_bias": False}
-
-
-# The webui's prompt tags (parsed by altdiff.prompts.parse_tags): files, hashes, applying them for one call ----
-
-def find_lora(lora_dir: str | Path, name: str) -> Path:
-    """The file `<lora:NAME>` means: a .safetensors/.pt/.ckpt file anywhere under `lora_dir` whose stem is
-    NAME, else a .safetensors file whose `ss_output_name` metadata (its alias in the webui) is NAME."""
-    root = Path(lora_dir).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"lora_dir: {root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_DIR_SUFFIXES and p.is_file())
-    found = [p for p in files if p.stem == name]
-    if not found:
-        found = [p for p in files if p.suffix.lower() == ".safetensors" and _alias(p) == name]
-    if not found:
-        raise ValueError(f"prompt: <lora:{name}>: no file named {name} ({'/'.join(LORA_DIR_SUFFIXES)}) in "
-                         f"{root} or its subfolders")
-    if len(found) > 1:
-        raise ValueError(f"prompt: <lora:{name}> is ambiguous in {root}: {', '.join(map(str, found))}")
-    return found[0]
-
-
-def _alias(path: Path) -> str | None:
-    try:
-        return _metadata(path).get("ss_output_name")
-    except WeightsError:
-        return None
-
-
-def lora_hash(path: str | Path) -> str:
-    """The webui's short hash of a LoRA file (network.py NetworkOnDisk): the `sshs_model_hash` metadata that
-    kohya and LyCORIS write, else the addnet hash for .safetensors and sha256 for other files; 12 digits."""
-    path = Path(path)
-    full = _metadata(path).get("sshs_model_hash") or file_hash(path, addnet=path.suffix == ".safetensors")
-    return full[:12]
-
-
-def hashes_field(named_files: dict[str, Path], hash_fn) -> str:
-    """"NAME: hash, ..." as the webui's "Lora hashes" / "TI hashes" infotext fields (":" and "," dropped from
-    names)."""
-    return ", ".join(f"{name.translate(_NAME_SYMBOLS)}: {hash_fn(p)}" for name, p in named_files.items())
-
-
-_NAME_SYMBOLS = str.maketrans("", "", ":,")
-
-
-@dataclass
-class PromptNetworks:
-    """What `prompt_networks` gives generate(): the prompts without their tags, and the infotext fields for
-    the networks they named."""
-
-    prompt: str | list[str] | None
-    infotext: dict[str, str] = field(default_factory=dict)
-
-
-@contextmanager
-def prompt_networks(pipe: Pipeline, prompt: str | list[str] | None, negative_prompt: str | list[str] | None, *,
-                    a1111_prompts: bool, lora_dir: str | Path | None = None,
-                    embeddings_dir: str | Path | None = None) -> Iterator[PromptNetworks]:
-    """For one generate() call (the caller holds the pipeline's lock): with `a1111_prompts`, the `<lora:…>`
-    tags of the prompt are removed and their files, found in `lora_dir`, are active at their multipliers;
-    embeddings in `embeddings_dir` named by a word of the prompt or negative prompt are loaded. Everything is
-    taken off again on leaving. As in the webui, tags are read from the prompt only, and adapters apply to the
-    whole batch: every prompt of the call must carry the same tags. Adapters read for tags stay cached
-    (inactive) until a call names other files, so repeating a tag does not re-read its file."""
-    texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-    tags: list[LoraTag] = []
-    if a1111_prompts and any("<" in t for t in texts):
-        parsed = [parse_tags(t) for t in texts]
-        if any(p[1] != parsed[0][1] for p in parsed):
-            raise ValueError("prompt: every prompt of one call must carry the same <lora:…> tags (adapters act on "
-                             "the whole batch)")
-        stripped = [p[0] for p in parsed]
-        prompt, tags = (stripped[0] if isinstance(prompt, str) else stripped), parsed[0][1]
-        names = [t.name for t in tags]
-        if len(set(names)) != len(names):
-            raise ValueError(f"prompt: a LoRA is named twice in {names}")
-        if tags and lora_dir is None:
-            raise ValueError(f"prompt: <lora:{tags[0].name}:…> needs lora_dir, the folder to find {tags[0].name} in")
-    files = {t.name: find_lora(lora_dir, t.name) for t in tags}
-    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
-    active: list[str] = []
-    try:
-        if tags:
-            _activate_tags(pipe, tags, files, active)
-        with textual_inversion.prompt_embeddings(pipe, texts + negatives, embeddings_dir) as embeddings:
-            infotext = {}
-            if files:
-                infotext["Lora hashes"] = hashes_field(files, lora_hash)
-            if embeddings:
-                infotext["TI hashes"] = hashes_field(embeddings, textual_inversion.embedding_hash)
-            yield PromptNetworks(prompt, infotext)
-    finally:
-        if pipe.lora is not None:
-            for name in active:
-                pipe.lora.weights.pop(name, None)
-
-
-def _activate_tags(pipe: Pipeline, tags: list[LoraTag], files: dict[str, Path], active: list[str]) -> None:
-    """Load (or reuse) each tag's adapter and make it active at its multipliers, adding its name to `active`
-    as soon as it is (so a failure part way leaves nothing active behind)."""
-    state = _state(pipe)
-    wanted = {files[t.name].resolve(): t for t in tags}
-    for path, (_, name) in list(state.tagged.items()):
-        if path not in wanted or state.tagged[path][0] != file_stamp(path):
-            _detach(state, name)
-            del state.tagged[path]
-    for path, tag in wanted.items():
-        if path not in state.tagged:
-            name = f"<lora:{tag.name}>"
-            while name in state.loaded or any(name == n for _, n in state.tagged.values()):
-                name += "'"
-            _attach(pipe, name, read_lora(pipe, path))
-            state.tagged[path] = (file_stamp(path), name)
-        name = state.tagged[path][1]
-        active.append(name)
-        state.weights[name] = {"text_encoder": tag.te, "unet": tag.unet}
-

@@ -7,13 +7,13 @@ Each chunk is `<s>` + 75 tokens + `</s>`, padded with `<pad>` after the first `<
 path), encoded alone; the encoder's output for each token is multiplied by the token's weight and the chunk is
 rescaled to its unweighted mean (the webui's "Original" emphasis, sd_emphasis.py: `z.mean()` over the chunk of
 every text the encoder was given at once). The webui gives the encoder one prompt at a time
-(prompt_parser.get_learned_conditioning loops over the prompts of a batch; only prompt editing, which altdiff
-does not have, sends several texts together), so the mean is that prompt's own: here too, per prompt and per
+(prompt_parser.get_learned_conditioning loops over the prompts of a batch; only a prompt's scheduled texts,
+altdiff.conditioning, go together), so the mean is that prompt's own: here too, per prompt and per
 chunk, and an image does not depend on the other prompts of its batch. A multi-vector textual-inversion
 embedding that would straddle a chunk boundary moves whole into the next chunk, as in the webui's
 sd_hijack_clip.tokenize_line.
 
-`<lora:NAME:w>` tags are taken out of a prompt by `parse_tags` (altdiff.lora.prompt_networks applies them) before
+`<lora:NAME:w>` tags are taken out of a prompt by `parse_tags` (altdiff.networks.prompt_networks applies them) before
 the rest is read.
 """
 
@@ -89,6 +89,17 @@ def parse_tags(text: str) -> tuple[str, list[LoraTag]]:
         return ""
     return _TAG.sub(found, text), tags
 
+
+
+_LINE_COMMENT = re.compile(r"(^|\n)#[^\n]*(\n|$)")
+_TRAILING_COMMENT = re.compile(r"#[^\n]*(\n|$)")
+
+
+def strip_comments(text: str) -> str:
+    """The prompt without `#` comments (from '#' to the end of the line, the line break kept), as the webui
+    1.10 reads prompts by default ("Enable comments", modules/processing_scripts/comments.py): before the
+    `<lora:...>` tags, AND, prompt editing and emphasis are read."""
+    return _TRAILING_COMMENT.sub("\n", _LINE_COMMENT.sub("\n", text))
 
 
 _ATTENTION = re.compile(r"""
@@ -241,18 +252,21 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, comma_backtrack: int = COMM
     return chunks
 
 
-def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Multiply each token's state by its weight, then restore each prompt's mean (A1111 "Original", which
-    the webui applies to one prompt at a time)."""
-    original_mean = z.mean(dim=(1, 2), keepdim=True)
+def emphasize(z: torch.Tensor, weights: torch.Tensor, joint_mean: bool = False) -> torch.Tensor:
+    """Multiply each token's state by its weight, then restore the mean (A1111 "Original"): each prompt's, or
+    with `joint_mean` the whole batch's, as the webui does for the texts it encodes at once (the scheduled
+    texts of one prompt)."""
+    dims = (0, 1, 2) if joint_mean else (1, 2)
+    original_mean = z.mean(dim=dims, keepdim=True)
     z = z * weights[:, :, None]
-    return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+    return z * (original_mean / z.mean(dim=dims, keepdim=True))
 
 
 def encode(tokenizer: Tokenizer, text_encoder: TextEncoder, texts: list[str], device: torch.device,
-           clip_skip: int | None = None) -> torch.Tensor:
+           clip_skip: int | None = None, joint_mean: bool = False) -> torch.Tensor:
     """[len(texts), chunks * model_max_length, width]: every prompt's chunks, encoded and emphasized; prompts
-    with fewer chunks are filled with empty ones (`<s></s>` and padding), as the webui does."""
+    with fewer chunks are filled with empty ones (`<s></s>` and padding), as the webui does. `joint_mean`:
+    the texts are one webui encoder call (altdiff.conditioning's `encode`), emphasis keeps their joint mean."""
     batch = [tokenize_chunks(tokenizer, t) for t in texts]
     empty = tokenize_chunks(tokenizer, "")[0]
     states = []
@@ -261,7 +275,8 @@ def encode(tokenizer: Tokenizer, text_encoder: TextEncoder, texts: list[str], de
         ids = torch.tensor([c.ids for c in chunks], device=device)
         weights = torch.tensor([c.weights for c in chunks], device=device, dtype=text_encoder.dtype)
         mask = ids.ne(tokenizer.pad_token_id).long() if text_encoder.config.use_attention_mask else None
-        states.append(emphasize(text_encoder(ids, attention_mask=mask, clip_skip=clip_skip), weights))
+        z = text_encoder(ids, attention_mask=mask, clip_skip=clip_skip)
+        states.append(emphasize(z, weights, joint_mean))
     return torch.cat(states, dim=1)
 
 

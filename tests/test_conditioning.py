@@ -1,7 +1,11 @@
 """altdiff.conditioning against the webui's prompt_parser contract: schedules, the per-prompt encoder calls,
 AND weights and the per-step batch rebuild."""
 
+import lark
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from altdiff.conditioning import (
     get_learned_conditioning,
@@ -11,6 +15,7 @@ from altdiff.conditioning import (
     reconstruct_cond_batch,
     reconstruct_multicond_batch,
 )
+from altdiff.prompt_schedule import parse
 
 
 class RecordingEncoder:
@@ -58,13 +63,6 @@ def test_and_free_multicond_weight_one():
 
 
 # --- Prompt editing and alternation ---------------------------------------------------------------------
-
-import lark  # noqa: E402  (test-only oracle)
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from altdiff.prompt_schedule import parse  # noqa: E402
 
 # The webui 1.10 prompt grammar (modules/prompt_parser.py), data for the lark oracle.
 GRAMMAR = r"""
@@ -178,31 +176,36 @@ PIECES = st.sampled_from(["a", "b c", " ", "[", "]", "(", ")", ":", "|", "\\(", 
                           "-1", "1e1", "x:2", "\n"])
 
 
+CLEAN_PIECES = st.sampled_from(["a", "b c", " ", "\\(", "0.5", "3", " 2 ", ".3", "-1", "1e1", "\n"])
+
+
 @st.composite
-def prompts(draw, depth=0):
-    """Nested and mixed constructs, well formed or not."""
+def prompts(draw, depth=0, pieces=PIECES):
+    """Nested and mixed constructs, well formed or not (with stray brackets, `|` and backslashes among the
+    pieces)."""
     parts = []
     for _ in range(draw(st.integers(0, 4))):
         kind = draw(st.integers(0, 6 if depth < 3 else 0))
         if kind == 0:
-            parts.append(draw(PIECES))
+            parts.append(draw(pieces))
         elif kind == 1:
-            parts.append(f"[{draw(prompts(depth + 1))}:{draw(prompts(depth + 1))}:{draw(PIECES)}]")
+            when = draw(st.sampled_from(["3", " .5 ", "12", "0", "1.0", "-1", "1e1"]))
+            parts.append(f"[{draw(prompts(depth + 1, pieces))}:{draw(prompts(depth + 1, pieces))}:{when}]")
         elif kind == 2:
-            parts.append(f"[{draw(prompts(depth + 1))}:{draw(st.sampled_from(['3', ' .5 ', '12']))}]")
+            parts.append(f"[{draw(prompts(depth + 1, pieces))}:{draw(st.sampled_from(['3', ' .5 ', '12']))}]")
         elif kind == 3:
-            options = draw(st.lists(prompts(depth + 1), min_size=2, max_size=4))
+            options = draw(st.lists(prompts(depth + 1, pieces), min_size=2, max_size=4))
             parts.append("[" + "|".join(options) + "]")
         elif kind == 4:
-            parts.append(f"({draw(prompts(depth + 1))}:{draw(prompts(depth + 1))})")
+            parts.append(f"({draw(prompts(depth + 1, pieces))}:{draw(prompts(depth + 1, pieces))})")
         elif kind == 5:
-            parts.append(f"[{draw(prompts(depth + 1))}]")
+            parts.append(f"[{draw(prompts(depth + 1, pieces))}]")
         else:
-            parts.append(f"({draw(prompts(depth + 1))})")
+            parts.append(f"({draw(prompts(depth + 1, pieces))})")
     return "".join(parts)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(prompts(), st.integers(1, 12))
 def test_schedules_equal_the_grammar_oracle(prompt, steps):
     """Every prompt the grammar reads is read (the rest is literal text), and the schedules are equal where
@@ -213,6 +216,13 @@ def test_schedules_equal_the_grammar_oracle(prompt, steps):
     assert (parse(prompt) is None) == (tree is None)
     if tree is not None and not any(isinstance(child, lark.Token) for child in tree.children):
         assert g(prompt, steps) == oracle_schedule(prompt, steps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts(pieces=CLEAN_PIECES), st.integers(1, 12))
+def test_well_formed_schedules_equal_the_grammar_oracle(prompt, steps):
+    """Nested editing, alternation and emphasis without stray brackets: always the grammar's reading."""
+    assert g(prompt, steps) == oracle_schedule(prompt, steps)
 
 
 def test_schedule_is_linear_time():
@@ -226,13 +236,13 @@ def test_schedule_is_linear_time():
             g(prompt, 10)
             runs.append(time.perf_counter() - start)
         return min(runs)
-    assert cost(8000) < 3 * cost(4000) + 0.02
+    assert cost(16000) < 24 * cost(2000) + 0.1  # 8x the length: linear 8x, quadratic 64x
 
 
 def test_scheduled_texts_share_one_encoder_call():
     encode = RecordingEncoder()
     conds = get_learned_conditioning(encode, ["a [cat:dog:2]", "[x|y] z", "a [cat:dog:2]"], 5)
-    assert encode.calls == [["a cat", "a dog"], ["x z", "y z"]]
+    assert encode.calls == [["a cat", "a dog"], ["x z", "y z", "x z", "y z", "x z"]]
     assert [c.end_at_step for c in conds[0]] == [2, 5]
     assert [c.end_at_step for c in conds[1]] == [1, 2, 3, 4, 5]
     assert torch.equal(conds[1][2].cond, encode.vector("x z"))
@@ -249,3 +259,54 @@ def test_and_weights():
     conds_list, tensor = reconstruct_multicond_batch(c, 1)
     assert conds_list == [[(0, 1.0), (1, 2.0)], [(2, 1.0)]]
     assert torch.equal(tensor[1], encode.vector(" b")) and torch.equal(tensor[2], encode.vector("b"))
+
+
+def test_plain_prompts_give_todays_embeddings(m9_folder):
+    """On the tiny model: the conditioning of plain prompts (of one chunk count) is exactly what generate()'s
+    a1111 prompt reading encodes today, for the prompt and for the negative prompt."""
+    import altdiff
+    from altdiff import prompts as prompt_reading
+
+    pipe = altdiff.load(m9_folder, device="cpu", dtype=torch.float32)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return prompt_reading.encode(pipe.tokenizer, pipe.text_encoder, texts, torch.device("cpu"),
+                                     joint_mean=True)
+    texts, negatives = ["a cat (on:1.2) a mat", "a dog"], ["", "ugly"]
+    expected, expected_negative = pipe.encode_prompt(texts, "cpu", 1, True, negatives, a1111_prompts=True)
+    _, cond = reconstruct_multicond_batch(get_multicond_learned_conditioning(encode, texts, 20), 1)
+    uncond = reconstruct_cond_batch(get_learned_conditioning(encode, negatives, 20), 1)
+    assert torch.equal(cond, expected) and torch.equal(uncond, expected_negative)
+    edited = reconstruct_cond_batch(get_learned_conditioning(encode, ["a [cat:dog:5] (on:1.2) a mat"], 20), 6)
+    assert not torch.equal(edited[0], expected[0])  # sensitivity: an edit at step 5 changes step 6
+    # Both scheduled texts are one call, and the emphasis keeps their joint mean, as the webui's.
+    assert torch.equal(edited[0], encode(["a cat (on:1.2) a mat", "a dog (on:1.2) a mat"])[1])
+    assert not torch.equal(edited[0], encode(["a dog (on:1.2) a mat"])[0])
+
+
+# The webui's weight regex for an AND sub-prompt (prompt_parser.re_weight), as the oracle of its reading.
+WEBUI_WEIGHT = r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from([" ", "\n", "\t", "a", ":", "1", ".", "-", "+", "\u0661", "\u3000"]), max_size=14))
+def test_and_weights_read_as_the_webui_regex(sub):
+    import re
+
+    match = re.search(WEBUI_WEIGHT, sub)
+    text, weight = match.groups() if match else (sub, None)
+    indexes, flat, _ = get_multicond_prompt_list([sub])
+    assert flat == [text] and indexes == [[(0, float(weight) if weight is not None else 1.0)]]
+
+
+def test_and_weights_linear_time():
+    import time
+
+    def cost(n: int) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            get_multicond_prompt_list(["a" + " " * n + "x AND b" + " " * n + ":1"])
+            runs.append(time.perf_counter() - start)
+        return min(runs)
+    assert cost(80000) < 24 * cost(10000) + 0.1  # 8x the length: linear 8x, quadratic 64x

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import altdiff
-from altdiff import lora
+from altdiff import lora, networks
 from altdiff.infotext import parse_infotext
 
 PROMPT = "一只戴着帽子的猫"
@@ -160,10 +160,10 @@ def test_lora_hashes_follow_the_webui_rule(pipe, lora_dir, tmp_path):
     assert addnet(hat)[:12] != hashlib.sha256(hat.read_bytes()).hexdigest()[:12]
     # kohya / LyCORIS write the hash into the metadata, and the webui takes it from there; other files: sha256.
     save_file({"x": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata={"sshs_model_hash": "0x1234abcd5678ef"})
-    assert lora.lora_hash(tmp_path / "m.safetensors") == "0x1234abcd56"
+    assert networks.lora_hash(tmp_path / "m.safetensors") == "0x1234abcd56"
     torch.save({"x": torch.zeros(1)}, tmp_path / "p.pt")
-    assert lora.lora_hash(tmp_path / "p.pt") == hashlib.sha256((tmp_path / "p.pt").read_bytes()).hexdigest()[:12]
-    assert lora.hashes_field({"a:b,c": hat}, lambda p: "h") == "abc: h"  # ':' and ',' leave names
+    assert networks.lora_hash(tmp_path / "p.pt") == hashlib.sha256((tmp_path / "p.pt").read_bytes()).hexdigest()[:12]
+    assert networks.hashes_field({"a:b,c": hat}, lambda p: "h") == "abc: h"  # ':' and ',' leave names
 
 
 def _embedding(path, vectors, name="unused-name"):
@@ -209,8 +209,8 @@ def test_cli_lora_embedding_and_tags_in_infotext(m9_folder, lora_dir, tmp_path):
                      "--lora", f"{hat}:0.7", "--embedding", str(emb), "--lora-dir", str(lora_dir),
                      "--a1111-prompts", "-o", str(out), "--quiet"]) == 0
     _, _, params = parse_infotext(read_infotext(out))
-    assert params["Lora hashes"] == f"hat_style: {lora.lora_hash(hat)}, other: " \
-                                    f"{lora.lora_hash(lora_dir / 'other.safetensors')}"
+    assert params["Lora hashes"] == f"hat_style: {networks.lora_hash(hat)}, other: " \
+                                    f"{networks.lora_hash(lora_dir / 'other.safetensors')}"
     assert params["TI hashes"] == f"hatcat: {hashlib.sha256(emb.read_bytes()).hexdigest()[:12]}"
     assert cli.lora_option("C:\\x.safetensors") == (cli.Path("C:\\x.safetensors"), 1.0)
     assert cli.lora_option("x.safetensors:0.25") == (cli.Path("x.safetensors"), 0.25)

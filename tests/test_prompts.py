@@ -223,4 +223,26 @@ def test_unclosed_brackets_apply_one_by_one_in_linear_time():
             parse_prompt_attention("(a" * n + "[b" * n)
             runs.append(time.perf_counter() - start)
         return min(runs)
-    assert cost(16000) < 3 * cost(8000) + 0.02
+    assert cost(32000) < 24 * cost(4000) + 0.1  # 8x the length: linear 8x, quadratic 64x
+
+
+@pytest.mark.parametrize("text,expected", [
+    # The webui's "Enable comments" option: '#' hides the text up to the end of its line.
+    ("a cat # wearing a hat\non a mat", "a cat \non a mat"),
+    ("# a whole line\na cat", "\na cat"),
+    ("a cat\n# a whole line\non a mat", "a cat\non a mat"),
+    ("a cat #", "a cat \n"),
+    ("no comment (x:1.2)", "no comment (x:1.2)"),
+])
+def test_strip_comments(text, expected):
+    from altdiff.prompts import strip_comments
+    assert strip_comments(text) == expected
+
+
+def test_emphasize_joint_mean_is_the_batch_mean():
+    z = torch.tensor([[[1.0], [3.0]], [[2.0], [2.0]]])
+    weights = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
+    # The batch holds 1, 3, 2, 2 (mean 2) and becomes 1, 6, 2, 2 (mean 11/4): all rescaled by 2 / (11/4).
+    expected = z * weights[:, :, None] * (2 / (11 / 4))
+    assert torch.allclose(emphasize(z, weights, joint_mean=True), expected)
+    assert not torch.allclose(emphasize(z, weights), expected)
