@@ -502,8 +502,10 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
     if clip_skip is not None:
         raise ValueError("clip_skip: the webui ignores CLIP skip for XLM-R models, so its family does too; use "
                          "family='diffusers' for altdiff's clip_skip")
-    texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative_prompt or ""] * len(texts) if not isinstance(negative_prompt, list) else negative_prompt
+    # The webui's default "Enable comments": `#` to the end of a line is dropped first (infotext included).
+    texts = [prompts.strip_comments(t) for t in ([prompt] if isinstance(prompt, str) else prompt)]
+    negatives = [prompts.strip_comments(t) for t in (
+        negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(texts))]
     n = num_images_per_prompt
     all_prompts = [t for t in texts for _ in range(n)]
     all_negatives = [t for t in negatives for _ in range(n)]

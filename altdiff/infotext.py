@@ -16,7 +16,8 @@ import PIL.Image
 
 from . import __version__
 from .images import read_infotext
-from .lora import LORA_DIR_SUFFIXES, lora_hash
+from .lora import LORA_DIR_SUFFIXES
+from .networks import lora_hash
 from .weights import file_hash
 
 

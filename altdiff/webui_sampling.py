@@ -113,9 +113,10 @@ def fixed_seeds(seed, total: int, name: str = "seed") -> list[int]:
 
 
 def encoder(pipe, device, clip_skip: int | None) -> Callable[[list[str]], torch.Tensor]:
-    """One webui encoder call (model.get_learned_conditioning): texts padded to one chunk count, emphasis
-    mean per text."""
-    return lambda texts: prompts.encode(pipe.tokenizer, pipe.text_encoder, texts, device, clip_skip)
+    """One webui encoder call (model.get_learned_conditioning): texts padded to one chunk count, the
+    "Original" emphasis mean taken over the whole call (a prompt's scheduled texts weigh on each other)."""
+    return lambda texts: prompts.encode(pipe.tokenizer, pipe.text_encoder, texts, device, clip_skip,
+                                        joint_mean=True)
 
 
 def conds(pipe, prompt_list: list[str], negative_list: list[str], total_steps: int, clip_skip: int | None):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from altdiff.images import save_png
 from altdiff.infotext import InfotextError, model_hash, param_pairs, parse, text_of, to_generate_kwargs, write
-from altdiff.lora import lora_hash
+from altdiff.networks import lora_hash
 
 FULL = dict(steps=20, sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=7, seed=1234, width=512,
             height=768, model_hash="abcdef0123", model="m9", variation_seed=5, variation_seed_strength=0.3,

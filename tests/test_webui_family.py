@@ -248,3 +248,36 @@ def test_diffusers_names_keep_the_diffusers_family(pipes):
     b = altdiff.generate(PROMPT, model=pipe, sampler="euler_a", family="diffusers", num_inference_steps=2,
                          width=SIZE, height=SIZE, seed=1, output_type="latent", progress=False)
     assert torch.equal(a.images, b.images) and a.infotexts == []
+
+
+def test_prompt_editing_switches_conditioning_mid_run(pipes):
+    """`[a:b:2]` (the webui wiki's "Prompt editing"): a until step 2, then b. The webui's schedule is
+    [[2, a], [4, b]] and its CFG denoiser counts calls from 0, using a while the count is <= 2: a for calls
+    0-2, b after. Against the recipe with exactly that conditioning per call."""
+    pipe, ref = pipes
+    a, b = "a cat wearing a hat", "un chat portant un chapeau"
+    edited = altdiff.generate(f"[{a}:{b}:2]", model=pipe, sampler="Euler", num_inference_steps=4, width=SIZE,
+                              height=SIZE, seed=3, output_type="latent", progress=False).images
+    only_a = altdiff.generate(a, model=pipe, sampler="Euler", num_inference_steps=4, width=SIZE, height=SIZE,
+                              seed=3, output_type="latent", progress=False).images
+    only_b = altdiff.generate(b, model=pipe, sampler="Euler", num_inference_steps=4, width=SIZE, height=SIZE,
+                              seed=3, output_type="latent", progress=False).images
+    assert (edited - only_a).abs().max() > 1e-2 and (edited - only_b).abs().max() > 1e-2
+    with torch.no_grad():
+        # One encoder call for both texts (the emphasis mean is over both), as the webui encodes a schedule.
+        both = prompts.encode(pipe.tokenizer, pipe.text_encoder, [a, b], pipe.device, joint_mean=True)
+        uncond = prompts.encode(pipe.tokenizer, pipe.text_encoder, [""], pipe.device)
+        model = external.CompVisDenoiser(_LDM(ref.unet, ref.scheduler.config))
+        sigmas = model.get_sigmas(4)
+        x = torch.randn((1, 4, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor),
+                        generator=torch.Generator().manual_seed(3))
+        calls = []
+
+        def cfg(x, sigma, **_):
+            cond = both[0:1] if len(calls) <= 2 else both[1:2]
+            calls.append(1)
+            out = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+            return out[1:] + (out[:1] - out[1:]) * 7.5
+
+        expected = sampling.sample_euler(cfg, x * sigmas[0], sigmas, disable=True)
+    assert (edited - expected).abs().max().item() <= 1e-4
