@@ -16,13 +16,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Router
 
 from . import __version__, checks, webui
-from .api import generation, lists, options, page
-from .api.worker import Job, QueueFull, Worker
+from .atomic import remove_stale_temps
+from .api import errors, generation, lists, options, page
+from .api.worker import Job, Worker
 from .batch import ray_gpus_per_actor
 
 __all__ = ["Job", "ServeConfig", "create_app", "run", "run_ray"]
@@ -34,7 +36,7 @@ class ServeConfig:
     models_dir: str | None = None
     lora_dir: str | None = None
     embeddings_dir: str | None = None
-    outdir: str | None = None  # where save_images writes
+    outdir: str | None = None  # where save_images writes; None: the webui's outputs/<kind>-images/<date>/
     device: str | None = None
     dtype: str | None = None
     safety_checker: bool = True
@@ -59,12 +61,12 @@ def _credentials(api_auth: str | None) -> dict[str, str] | None:
 
 
 class Guard:
-    """ASGI middleware on every route (/, /docs and static files included): HTTP basic auth when
-    --api-auth is set, and a request body limit read from Content-Length (chunked bodies are refused, so
-    every body has one)."""
+    """ASGI middleware on every route and scope (/, /docs, static files, websockets): HTTP basic auth when
+    --api-auth is set, a request body limit read from Content-Length (chunked bodies are refused, so every
+    body has one), and OPTIONS answered with every method the path has."""
 
-    def __init__(self, app, credentials: dict[str, str] | None, max_body_bytes: int):
-        self.app, self.credentials, self.max_body_bytes = app, credentials, max_body_bytes
+    def __init__(self, app, credentials: dict[str, str] | None, max_body_bytes: int, router: Router):
+        self.app, self.credentials, self.max_body_bytes, self.router = app, credentials, max_body_bytes, router
 
     def _authorized(self, header: bytes | None) -> bool:
         if not header or not header.lower().startswith(b"basic "):
@@ -76,19 +78,30 @@ class Guard:
         expected = self.credentials.get(user)
         return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
 
+    def _allowed(self, scope) -> set[str]:
+        return {m for route in self.router.routes if getattr(route, "methods", None)
+                and route.matches(scope)[0] != Match.NONE for m in route.methods}
+
     async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):  # lifespan
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.credentials is not None and not self._authorized(headers.get(b"authorization")):
+            if scope["type"] == "websocket":  # closing before accepting answers the handshake with a 403
+                return await send({"type": "websocket.close", "code": 1008})
+            response = JSONResponse({"detail": "Incorrect username or password"}, 401,
+                                    headers={"WWW-Authenticate": "Basic"})
+            return await response(scope, receive, send)
         if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            if self.credentials is not None and not self._authorized(headers.get(b"authorization")):
-                response = JSONResponse({"detail": "Incorrect username or password"}, 401,
-                                        headers={"WWW-Authenticate": "Basic"})
-                return await response(scope, receive, send)
             length = headers.get(b"content-length", b"0")
             if b"transfer-encoding" in headers:
                 return await JSONResponse({"detail": "send a Content-Length"}, 411)(scope, receive, send)
             if not length.isdigit() or int(length) > self.max_body_bytes:
                 response = JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"}, 413)
                 return await response(scope, receive, send)
+            if scope["method"] == "OPTIONS" and (allowed := self._allowed(scope)):
+                allow = ", ".join(sorted(allowed | {"OPTIONS"}))
+                return await Response(status_code=200, headers={"Allow": allow})(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -100,6 +113,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise ValueError(f"{flag}: {folder} is not a folder")
     if config.outdir is not None:
         checks.writable("--outdir", config.outdir)
+        remove_stale_temps(config.outdir)
     worker = Worker(config)
 
     @asynccontextmanager
@@ -110,22 +124,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="altdiff", version=__version__, lifespan=lifespan,
                   description="The AUTOMATIC1111 webui's /sdapi/v1 API on altdiff (AltDiffusion).")
     app.state.worker, app.state.config = worker, config
-    app.add_middleware(Guard, credentials=credentials, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Guard, credentials=credentials, max_body_bytes=config.max_body_bytes, router=app.router)
     app.mount("/web", StaticFiles(directory=page.WEB), name="web")
 
-    @app.exception_handler(webui.FieldError)
-    async def field_error(request: Request, e: webui.FieldError):
-        return JSONResponse({"detail": [{"type": "value_error", "loc": ["body", *e.field.split(".")],
-                                         "msg": e.message}]}, 422)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, e: QueueFull):
-        return JSONResponse({"detail": str(e)}, 503, headers={"Retry-After": str(e.retry_after)})
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, e: Exception):  # the webui's JSON shape for server errors
-        return JSONResponse({"error": type(e).__name__, "detail": str(e)}, 500)
-
+    errors.install(app)
     for router in (generation.router, options.router, lists.router, page.router):
         app.include_router(router)
     return app

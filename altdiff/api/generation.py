@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import base64
+import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import webui
 from ..images import encode_png
+from .errors import MAX_EXCERPT
 from .models import ImagesResponse, Img2ImgRequest, PNGInfoRequest, ProgressResponse, Txt2ImgRequest, _Request
 from .worker import Job, wait
 
+logger = logging.getLogger("altdiff")
 router = APIRouter()
+IGNORED_HEADER = "X-Altdiff-Ignored-Fields"  # the request's unknown fields, which altdiff ignored
 
 
-async def _images(req: _Request, request: Request, img2img: bool):
+async def _images(req: _Request, request: Request, response: Response, img2img: bool):
     worker, config = request.app.state.worker, request.app.state.config
-    body = req.model_dump()
+    ignored = sorted(req.model_extra or {})
+    if ignored:  # the webui drops unknown fields silently; altdiff says which
+        logger.info("%s: ignored unknown fields %s", request.url.path, ignored)
+        response.headers[IGNORED_HEADER] = ascii(ignored)[:MAX_EXCERPT]
+    body = req.model_dump(exclude=set(ignored))
     models = {name: m.title for m in worker.models for name in (m.title, m.model_name)}
     task = await run_in_threadpool(webui.parse_task, body, img2img=img2img, limits=config.limits,
                                    options=dict(worker.options), models=list(models),
                                    lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)
     if task.model is not None:
         task.model = models[task.model]
-    if body["save_images"] and config.outdir is None:
-        raise webui.FieldError("save_images", "the server has no --outdir to save to")
     result = await wait(worker, Job(lambda job: worker.run_task(job, task), "txt2img" if not img2img
                                     else "img2img"), request)
     if result is None:
@@ -38,19 +44,20 @@ async def _images(req: _Request, request: Request, img2img: bool):
             worker.options["sd_model_checkpoint"] = task.model
     if img2img and not body["include_init_images"]:
         body["init_images"] = body["mask"] = None
-    encoded = [base64.b64encode(encode_png(img, text)).decode() for img, text in zip(result.images,
-                                                                                    result.infotexts)]
+    # off the event loop: a large image takes most of a second to encode
+    encoded = await run_in_threadpool(lambda: [base64.b64encode(encode_png(img, text)).decode()
+                                               for img, text in zip(result.images, result.infotexts)])
     return {"images": encoded if body["send_images"] else [], "parameters": body, "info": result.info}
 
 
 @router.post("/sdapi/v1/txt2img", response_model=ImagesResponse)
-async def txt2img(req: Txt2ImgRequest, request: Request):
-    return await _images(req, request, img2img=False)
+async def txt2img(req: Txt2ImgRequest, request: Request, response: Response):
+    return await _images(req, request, response, img2img=False)
 
 
 @router.post("/sdapi/v1/img2img", response_model=ImagesResponse)
-async def img2img(req: Img2ImgRequest, request: Request):
-    return await _images(req, request, img2img=True)
+async def img2img(req: Img2ImgRequest, request: Request, response: Response):
+    return await _images(req, request, response, img2img=True)
 
 
 @router.post("/sdapi/v1/png-info")

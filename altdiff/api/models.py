@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Request(BaseModel):
-    # strict: "512" is not a width and 3.0 not a step count; unknown fields are named in the 422, not dropped.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Lax as the webui's pydantic models: "7.0" is a float and "512" or 512.0 a width, null is the default;
+    # unknown fields are kept aside (model_extra), ignored and reported. NaN and infinities are refused.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -96,7 +102,7 @@ class ImagesResponse(BaseModel):
 
 
 class PNGInfoRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore")
     image: str
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import math
 import re
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from fastapi import HTTPException, Request
+from fastapi import Request
 
 from .. import webui
 from ..config import ConfigError
 from ..generate import generate
-from ..images import save_png
+from ..atomic import remove_stale_temps
+from ..images import save_numbered
 from ..pipeline import DEFAULT_MODEL, Pipeline, load
 from ..weights import WeightsError
 
@@ -72,6 +74,7 @@ class Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.sampling = False  # set at the first step: errors from then on are the server's, not the request's
         self.done = threading.Event()
         self.notify: Callable[[], None] = lambda: None
 
@@ -214,6 +217,7 @@ class Worker:
 
         def on_step(pipe, i, t, tensors):
             state.sampling_step = min(i + 1, state.sampling_steps)
+            job.sampling = True
             if state.interrupted or job.cancelled:
                 pipe._interrupt = True
             return {}
@@ -237,15 +241,28 @@ class Worker:
         return result
 
     def save(self, task: webui.Task, result: webui.Result) -> None:
-        """PNGs with infotext into --outdir, numbered on as the webui numbers them (NNNNN-seed.png)."""
-        out = Path(self.config.outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        taken = [int(m[1]) for p in out.glob("*.png") if (m := re.match(r"(?:grid-)?(\d+)", p.name))]
-        number = max(taken, default=-1) + 1  # never replaces an earlier file
+        """PNGs with infotext, numbered on as the webui numbers them (NNNNN-seed.png, grid-NNNNN.png): into
+        --outdir, or where the webui saves by default (outputs/txt2img-images/<date>/, grids in
+        outputs/txt2img-grids/<date>/, img2img likewise) relative to the working directory."""
+        kind, date = "img2img" if task.init_image is not None else "txt2img", time.strftime("%Y-%m-%d")
         for k, (image, text) in enumerate(zip(result.images, result.infotexts)):
             i = k - result.index_of_first_image
-            save_png(image, out / (f"grid-{number:05}.png" if i < 0 else f"{number:05}-{task.seeds[i]}.png"), text)
-            number += 1
+            folder = (Path(self.config.outdir) if self.config.outdir is not None
+                      else Path("outputs", f"{kind}-{'grids' if i < 0 else 'images'}", date))
+            remove_stale_temps_once(folder)
+            save_numbered(image, folder, "grid-{number:05}.png" if i < 0 else f"{{number:05}}-{task.seeds[i]}.png",
+                          text)
+
+
+_cleaned: set[Path] = set()
+
+
+def remove_stale_temps_once(folder: Path) -> None:
+    """A save killed mid-write (SIGKILL) leaves a temporary file: removed the first time a process saves
+    into a folder (--outdir is also cleaned at start)."""
+    if folder not in _cleaned and folder.is_dir():
+        remove_stale_temps(folder)
+        _cleaned.add(folder)
 
 
 def find_title(models: list[ModelEntry], name: str) -> str:
@@ -262,12 +279,37 @@ async def wait(worker: Worker, job: Job, request: Request) -> Any:
     while not finished.is_set():
         try:
             await asyncio.wait_for(finished.wait(), 0.25)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             if await request.is_disconnected():
                 worker.cancel(job)
                 return None
-    if isinstance(job.error, (ValueError, TypeError)) and not isinstance(job.error, (WeightsError, ConfigError)):
-        raise HTTPException(422, str(job.error))  # generate() refusing an argument the request made
+    if is_client_error(job):
+        raise request_field_error(job.error)
     if job.error is not None:
-        raise job.error
+        raise job.error  # a 500, its traceback logged by the app's handler
     return job.result
+
+
+# generate()'s argument names (its errors start with one) -> the request field a webui client set
+GENERATE_FIELDS = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale", "sampler": "sampler_name",
+                   "num_images_per_prompt": "batch_size", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+                   "image": "init_images", "strength": "denoising_strength", "latents": "subseed",
+                   "lora_dir": "prompt", "embeddings_dir": "prompt"}
+
+
+def is_client_error(job: Job) -> bool:
+    """generate()'s checks refusing what the request asked for: a ValueError/TypeError raised before
+    sampling began (checks and prompt parsing run first). Errors of the model files (WeightsError,
+    ConfigError) and anything raised later are server errors."""
+    return (isinstance(job.error, (ValueError, TypeError)) and not isinstance(job.error, (WeightsError, ConfigError))
+            and not job.sampling)
+
+
+def request_field_error(e: Exception) -> webui.FieldError:
+    """The FieldError naming the request field behind one of generate()'s argument errors (their messages
+    start with the argument's name)."""
+    if isinstance(e, webui.FieldError):
+        return e
+    m = re.match(r"([a-z_]+)(?::| )", str(e))
+    name = m[1] if m and m[1] in inspect.signature(generate).parameters else ""
+    return webui.FieldError(GENERATE_FIELDS.get(name, name), str(e))
