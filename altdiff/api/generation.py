@@ -37,11 +37,6 @@ async def _images(req: _Request, request: Request, response: Response, img2img: 
                                     else "img2img"), request)
     if result is None:
         return JSONResponse({"detail": "client disconnected"}, 499)
-    if not body["override_settings_restore_afterwards"]:
-        worker.options.update({k: v for k, v in (body["override_settings"] or {}).items()
-                               if k in webui.OVERRIDABLE})
-        if task.model is not None:
-            worker.options["sd_model_checkpoint"] = task.model
     if img2img and not body["include_init_images"]:
         body["init_images"] = body["mask"] = None
     # off the event loop: a large image takes most of a second to encode

@@ -207,7 +207,17 @@ class Worker:
             self.pipe_title = title
         return self.pipe
 
+    def set_options(self, options: dict[str, Any]) -> None:
+        model = options.get("sd_model_checkpoint")
+        if model is not None:
+            self.pipeline(model)
+            options = {**options, "sd_model_checkpoint": self.title(model)}
+        self.options.update(options)
+
     def run_task(self, job: Job, task: webui.Task) -> webui.Result:
+        overrides = task.request.get("override_settings") or {}
+        if "CLIP_stop_at_last_layers" not in overrides:  # the options as they are when the job runs
+            task.clip_skip = int(self.options["CLIP_stop_at_last_layers"])
         pipe = self.pipeline(task.model)
         title = self.pipe_title
         state = self.state
@@ -236,6 +246,10 @@ class Worker:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
             state.job = ""
         result = webui.finish(task, images, nsfw, title, networks)
+        if not task.request.get("override_settings_restore_afterwards", True):
+            self.options.update({k: v for k, v in overrides.items() if k in webui.OVERRIDABLE})
+            if task.model is not None:
+                self.options["sd_model_checkpoint"] = task.model
         if task.request.get("save_images") and not job.cancelled:
             self.save(task, result)
         return result
