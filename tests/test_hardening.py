@@ -666,13 +666,33 @@ def test_threads_sharing_a_pipeline_give_the_sequential_images(pipe):
         assert np.array_equal(got, want)
 
 
-def test_generate_waits_for_the_pipeline_lock(pipe):
+class WatchedLock:
+    """A lock that tells when a caller had to wait for it."""
+
+    def __init__(self):
+        self.inner, self.blocked = threading.Lock(), threading.Event()
+
+    def __enter__(self):
+        if not self.inner.acquire(blocking=False):
+            self.blocked.set()
+            self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+@pytest.mark.parametrize("call", [probe, lambda p: p.encode_prompt("a cat", p.device, 1, True)],
+                         ids=["generate", "encode_prompt"])
+def test_generate_and_encode_prompt_wait_for_the_pipeline_lock(pipe, monkeypatch, call):
+    lock = WatchedLock()
+    monkeypatch.setattr(pipe, "lock", lock)
     done = threading.Event()
-    with pipe.lock:
-        t = threading.Thread(target=lambda: (probe(pipe), done.set()))
+    with lock.inner:
+        t = threading.Thread(target=lambda: (call(pipe), done.set()))
         t.start()
-        t.join(timeout=0.5)
-        assert not done.is_set()  # cannot finish while another holder has the lock
+        assert lock.blocked.wait(60)  # the call reached the lock and waits at it
+        assert not done.is_set()
     t.join()
     assert done.is_set()
 
