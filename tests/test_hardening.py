@@ -3,6 +3,7 @@ the weights reader, the converter) in one table; numbers given as numpy and torc
 file modes; the fp16 VAE retry end to end; thread safety; tokenizer properties."""
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -11,6 +12,8 @@ import re
 import shutil
 import struct
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 import traceback
 import unicodedata
 import warnings
@@ -736,3 +739,25 @@ def test_the_pickle_payload_is_live(tmp_path):
     path = write_payload(tmp_path / "m.pt", "plain")
     pickle.loads(path.read_bytes())
     assert (tmp_path / "PWNED").exists()
+
+
+def test_concurrent_generate_with_a_model_string_loads_it_once(m9_folder, monkeypatch):
+    """Two threads naming one model (by two spellings of its path) share one load; the cache is bounded."""
+    generate_module = importlib.import_module("altdiff.generate")  # altdiff.generate is also the function
+
+    real, loads = generate_module.load, []
+
+    def slow_load(source, **kwargs):
+        loads.append(source)
+        time.sleep(0.3)  # both threads are inside get_model before the first load ends
+        return real(source, device="cpu", safety_checker=False)
+    monkeypatch.setattr(generate_module, "load", slow_load)
+    monkeypatch.setattr(generate_module, "_loaded", type(generate_module._loaded)())
+    spellings = [str(m9_folder), str(m9_folder) + "/"]
+    with ThreadPoolExecutor(2) as pool:
+        pipes = list(pool.map(generate_module.get_model, spellings))
+    assert len(loads) == 1 and pipes[0] is pipes[1]
+    for k in range(generate_module.MAX_LOADED + 1):  # hub-like ids: never looked up, the fake load counts
+        monkeypatch.setattr(generate_module, "load", lambda source, **kw: object())
+        generate_module.get_model(f"org/model-{k}")
+    assert len(generate_module._loaded) == generate_module.MAX_LOADED
