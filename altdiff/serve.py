@@ -22,9 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Router
 
 from . import __version__, checks, webui
-from .atomic import remove_stale_temps
 from .api import errors, generation, lists, options, page
 from .api.worker import Job, Worker
+from .atomic import remove_stale_temps
 from .batch import ray_gpus_per_actor
 
 __all__ = ["Job", "ServeConfig", "create_app", "run", "run_ray"]

@@ -13,12 +13,12 @@ import shutil
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 import traceback
 import unicodedata
 import warnings
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace

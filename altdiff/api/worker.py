@@ -21,9 +21,9 @@ import torch
 from fastapi import Request
 
 from .. import webui
+from ..atomic import remove_stale_temps
 from ..config import ConfigError
 from ..generate import generate
-from ..atomic import remove_stale_temps
 from ..images import save_numbered
 from ..pipeline import DEFAULT_MODEL, Pipeline, load
 from ..weights import WeightsError
@@ -293,7 +293,7 @@ async def wait(worker: Worker, job: Job, request: Request) -> Any:
     while not finished.is_set():
         try:
             await asyncio.wait_for(finished.wait(), 0.25)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        except TimeoutError:
             if await request.is_disconnected():
                 worker.cancel(job)
                 return None
