@@ -142,12 +142,17 @@ class Worker:
             logger.error("loading %s failed: %s", self.options["sd_model_checkpoint"], self.preload.error)
 
     # queue
-    def submit(self, job: Job) -> None:
+    def check_room(self) -> None:
+        """QueueFull when no job can wait now: checked before a request's uploads are decoded, and on submit."""
         with self.cond:
             if len(self.waiting) >= self.config.max_queue:
                 self.stats["rejected"] += 1
                 mean = sum(self.durations) / len(self.durations) if self.durations else 1.0
                 raise QueueFull(max(1, math.ceil(mean * (len(self.waiting) + 1))))
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.check_room()
             self.waiting.append(job)
             self.cond.notify()
 
