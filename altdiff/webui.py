@@ -24,26 +24,20 @@ from typing import Any
 import PIL.Image
 import torch
 
-from . import __version__
+from . import __version__, webui_sampling
 from .checks import SEED_MAX, is_int, is_number
 from .images import to_rgb
 from .infotext import image_infotext, parse
+from .k_samplers import KDIFFUSION_SAMPLERS
+from .k_schedules import SCHEDULE_TYPES, find_schedule_type
 from .rng import randn_tensor, slerp
 
-# The webui's sampler names, aliases and options (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py)
-# for the samplers altdiff has, and the altdiff sampler each schedule ("automatic" is the sampler's own
-# default, as the webui's options["scheduler"] says) maps onto. Order as the webui lists them.
-SAMPLERS = {
-    "DPM++ 2M": (["k_dpmpp_2m"], {"scheduler": "karras"}, {"karras": "dpmpp_2m_karras", "uniform": "dpmpp_2m"}),
-    "Euler a": (["k_euler_a", "k_euler_ancestral"], {"uses_ensd": True}, {"uniform": "euler_a"}),
-    "Euler": (["k_euler"], {}, {"uniform": "euler"}),
-    "LMS": (["k_lms"], {}, {"uniform": "lms"}),
-    "DDIM": (["ddim"], {}, {"uniform": "ddim"}),
-    "PLMS": (["plms"], {}, {"uniform": "pndm"}),
+# The webui's timestep samplers altdiff runs in its diffusers family until they exist in the webui family
+# (the k-diffusion samplers, altdiff.k_samplers, are the webui's own): name -> (aliases, options, altdiff name).
+TIMESTEP_SAMPLERS = {
+    "DDIM": (["ddim"], {}, "ddim"),
+    "PLMS": (["plms"], {}, "pndm"),
 }
-# modules/sd_schedulers.py: (name, label, aliases, default_rho, need_inner_model), the ones altdiff has.
-SCHEDULERS = [("automatic", "Automatic", None, -1, False), ("uniform", "Uniform", None, -1, False),
-              ("karras", "Karras", None, 7.0, False)]
 DEFAULT_SAMPLER = "Euler"  # the webui API's sampler_index default
 
 # Fields whose value asks for a feature altdiff lacks unless it is one of these (the webui's defaults and
@@ -52,7 +46,7 @@ DEFAULT_SAMPLER = "Euler"  # the webui API's sampler_index default
 INERT = {
     "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
     "styles": ([], None, ["None"]), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
-    "firstphase_width": (0, None), "firstphase_height": (0, None), "s_min_uncond": (0, None),
+    "firstphase_width": (0, None), "firstphase_height": (0, None),
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
     "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""), "infotext": (None, ""),
     "mask": (None, ""), "latent_mask": (None, ""), "initial_noise_multiplier": (None, 1), "resize_mode": (0,),
@@ -102,11 +96,12 @@ class Task:
     sampler: str  # altdiff's name
     sampler_name: str  # the webui's name
     scheduler: str  # the webui's label
-    eta: float  # generate()'s eta (DDIM); other samplers have none
+    eta: float | None  # generate()'s eta (None: the sampler's webui default)
     clip_skip: int  # the webui's CLIP_stop_at_last_layers
     model: str | None  # override_settings' sd_model_checkpoint; None: the server's current model
     init_image: PIL.Image.Image | None = None
     denoising_strength: float | None = None
+    s_min_uncond: float = 0.0
     lora_dir: str | None = None  # where the prompt's <lora:NAME:w> tags are found
     embeddings_dir: str | None = None  # embeddings a prompt names by file stem
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
@@ -121,44 +116,43 @@ class Task:
 
 # --- samplers ----------------------------------------------------------------------------------------------
 
-def _scheduler(name: str) -> tuple[str, str, Any, float, bool] | None:
-    return next((s for s in SCHEDULERS if name in (s[0], s[1], *(s[2] or []))), None)
-
-
 def resolve_sampler(sampler_name: str | None, scheduler: str | None,
                     field: str = "sampler_name") -> tuple[str, str, str]:
-    """(altdiff sampler, the webui's sampler name, its scheduler label) for a webui sampler name (with or without a scheduler
-    suffix such as "DPM++ 2M Karras", as the webui's get_sampler_and_scheduler reads it) and scheduler."""
+    """(generate()'s sampler, the webui's sampler name, the schedule type label) as the webui's
+    get_sampler_and_scheduler reads them ("DPM++ 2M Karras" is DPM++ 2M with Karras). The k-diffusion
+    samplers run in the webui family; DDIM and PLMS in the diffusers family, Automatic/Uniform only."""
     name = sampler_name or DEFAULT_SAMPLER
-    sched = _scheduler(scheduler) if scheduler else SCHEDULERS[0]
-    if sched is None:
-        raise FieldError("scheduler", f"unknown scheduler {scheduler!r}; expected one of "
-                         f"{[s[1] for s in SCHEDULERS]}")
-    for s in SCHEDULERS:
-        suffix = next((o for o in (s[1], s[0], *(s[2] or [])) if name.endswith(" " + o)), None)
-        if suffix:
-            name, sched = name[:-len(suffix) - 1], s
-            break
-    found = next((n for n, (aliases, _, _) in SAMPLERS.items() if name == n or name in aliases), None)
+    if scheduler:
+        try:
+            find_schedule_type(scheduler)
+        except ValueError as e:
+            raise FieldError("scheduler", str(e).partition(": ")[2]) from None
+    try:
+        choice = webui_sampling.resolve(name, scheduler)
+        return choice.label, choice.label, choice.schedule_type
+    except ValueError:
+        pass
+    found = next((n for n, (aliases, _, _) in TIMESTEP_SAMPLERS.items() if name == n or name in aliases), None)
     if found is None:
-        raise FieldError(field, f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
-    _, options, variants = SAMPLERS[found]
-    key = options.get("scheduler", "uniform") if sched[0] == "automatic" else sched[0]
-    if key not in variants:
-        raise FieldError("scheduler", f"{found} has no {sched[1]} schedule here (expected Automatic or "
-                         f"{' or '.join(s[1] for s in SCHEDULERS if s[0] in variants)})")
-    return variants[key], found, sched[1]
+        raise FieldError(field, f"unknown sampler {name!r}; expected one of "
+                         f"{[*KDIFFUSION_SAMPLERS, *TIMESTEP_SAMPLERS]}")
+    label = find_schedule_type(scheduler).label if scheduler else "Automatic"
+    if label not in ("Automatic", "Uniform"):
+        raise FieldError("scheduler", f"{found} runs with the Automatic (Uniform) schedule only here, got {label}")
+    return TIMESTEP_SAMPLERS[found][2], found, label
 
 
 def samplers_list() -> list[dict]:
-    """GET /sdapi/v1/samplers."""
-    return [{"name": n, "aliases": aliases, "options": options} for n, (aliases, options, _) in SAMPLERS.items()]
+    """GET /sdapi/v1/samplers, in the webui's order."""
+    rows = [(label, list(row.aliases), row.options) for label, row in KDIFFUSION_SAMPLERS.items()]
+    rows += [(n, aliases, options) for n, (aliases, options, _) in TIMESTEP_SAMPLERS.items()]
+    return [{"name": n, "aliases": aliases, "options": options} for n, aliases, options in rows]
 
 
 def schedulers_list() -> list[dict]:
     """GET /sdapi/v1/schedulers."""
-    return [{"name": n, "label": label, "aliases": aliases, "default_rho": rho, "need_inner_model": inner}
-            for n, label, aliases, rho, inner in SCHEDULERS]
+    return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) if s.aliases else None,
+             "default_rho": s.default_rho, "need_inner_model": s.need_inner_model} for s in SCHEDULE_TYPES]
 
 
 # --- requests ----------------------------------------------------------------------------------------------
@@ -277,6 +271,7 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     sampler, sampler_name, scheduler = resolve_sampler(request.get("sampler_name") or request.get("sampler_index"),
                                          request.get("scheduler"), sampler_field)
     eta = _check_number(request, "eta", 0.0, 1.0, None)  # the webui accepts any eta with any sampler
+    s_min_uncond = _check_number(request, "s_min_uncond", 0.0, 1e4, 0.0)
 
     init_image = strength = None
     if img2img:
@@ -298,7 +293,8 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
                 negative_prompt=request.get("negative_prompt") or "", seeds=seeds,
                 subseeds=[subseed + i for i in range(total)], subseed_strength=subseed_strength,
                 batch_size=batch_size, n_iter=n_iter, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
-                sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=0.0 if eta is None or sampler != "ddim" else eta,
+                sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=eta if sampler in KDIFFUSION_SAMPLERS else (eta or 0.0) if sampler == "ddim" else 0.0,
+                s_min_uncond=s_min_uncond,
                 clip_skip=int(clip_skip), model=model, init_image=init_image, denoising_strength=strength,
                 lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
@@ -324,19 +320,27 @@ def clip_skip_for(pipe, layers: int) -> int | None:
 
 
 def generate_kwargs(task: Task, pipe, b: int) -> dict[str, Any]:
-    """The generate() keyword arguments that make batch `b` of `task` on `pipe`."""
+    """The generate() keyword arguments that make batch `b` of `task` on `pipe`: the webui family for the
+    k-diffusion samplers (its noise, seeds, subseeds and infotext; the webui ignores CLIP skip for XLM-R),
+    the diffusers family for DDIM and PLMS."""
     part = slice(b * task.batch_size, (b + 1) * task.batch_size)
     kwargs = dict(prompt=task.prompt, model=pipe, negative_prompt=task.negative_prompt,
                   num_inference_steps=task.steps, guidance_scale=task.cfg_scale, sampler=task.sampler,
-                  num_images_per_prompt=task.batch_size, eta=task.eta, clip_skip=clip_skip_for(pipe, task.clip_skip),
-                  a1111_prompts=True, lora_dir=task.lora_dir, embeddings_dir=task.embeddings_dir, progress=False)
+                  num_images_per_prompt=task.batch_size, eta=task.eta, lora_dir=task.lora_dir,
+                  embeddings_dir=task.embeddings_dir, progress=False, seed=task.seeds[part])
     if task.init_image is not None:
-        return dict(kwargs, image=task.init_image, strength=task.denoising_strength, seed=task.seeds[part])
-    kwargs.update(height=task.height, width=task.width)
-    if task.subseed_strength == 0:
-        return dict(kwargs, seed=task.seeds[part])
+        kwargs.update(image=task.init_image, strength=task.denoising_strength)
+    else:
+        kwargs.update(height=task.height, width=task.width)
+    if task.sampler in KDIFFUSION_SAMPLERS:
+        return dict(kwargs, family="webui", scheduler=task.scheduler, subseed=task.subseeds[part][0],
+                    subseed_strength=task.subseed_strength, s_min_uncond=task.s_min_uncond)
+    kwargs.update(a1111_prompts=True, clip_skip=clip_skip_for(pipe, task.clip_skip))
+    if task.subseed_strength == 0 or task.init_image is not None:
+        return kwargs
     factor, channels = pipe.vae_scale_factor, pipe.unet.config.in_channels
     shape = (task.batch_size, channels, task.height // factor, task.width // factor)
+    del kwargs["seed"]
     return dict(kwargs, latents=variation_latents(shape, task.seeds[part], task.subseeds[part],
                                                   task.subseed_strength))
 
@@ -374,13 +378,15 @@ def infotext(task: Task, image: PIL.Image.Image, i: int, model: str, nsfw: bool 
 
 
 def finish(task: Task, images: list[PIL.Image.Image], nsfw: list[bool], model: str,
-           networks: dict[str, str] | None = None) -> Result:
-    """Infotexts, the grid and the `info` JSON for the images made (fewer than planned when interrupted)."""
-    texts = [infotext(task, img, i, model, flag, networks) for i, (img, flag) in enumerate(zip(images, nsfw))]
+           networks: dict[str, str] | None = None, infotexts: list[str] | None = None) -> Result:
+    """Infotexts, the grid and the `info` JSON for the images made (fewer than planned when interrupted).
+    `infotexts`: the webui family's own, one per image (GenerationResult.infotexts)."""
+    texts = infotexts or [infotext(task, img, i, model, flag, networks)
+                          for i, (img, flag) in enumerate(zip(images, nsfw))]
     first = 0
     if task.grid and len(images) > 1:
         images = [image_grid(images, task.batch_size), *images]
-        texts = [infotext(task, images[1], 0, model, networks=networks), *texts]
+        texts = [texts[0], *texts]
         first = 1
     n = len(task.seeds)
     r = task.request

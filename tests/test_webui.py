@@ -17,27 +17,32 @@ def task(**request):
 
 
 @pytest.mark.parametrize("name, scheduler, expected", [
-    ("Euler a", None, ("euler_a", "Euler a", "Automatic")),
-    ("Euler a", "automatic", ("euler_a", "Euler a", "Automatic")),  # webuiapi's default spelling
-    ("k_euler_a", "Uniform", ("euler_a", "Euler a", "Uniform")),
-    ("Euler", "", ("euler", "Euler", "Automatic")),
-    ("LMS", None, ("lms", "LMS", "Automatic")),
+    # k-diffusion samplers run in the webui family under their webui label (get_sampler_and_scheduler).
+    ("Euler a", None, ("Euler a", "Euler a", "Automatic")),
+    ("Euler a", "automatic", ("Euler a", "Euler a", "Automatic")),  # webuiapi's default spelling
+    ("k_euler_a", "Uniform", ("Euler a", "Euler a", "Uniform")),
+    ("Euler", "", ("Euler", "Euler", "Automatic")),
+    ("Euler", "Exponential", ("Euler", "Euler", "Exponential")),
+    ("LMS", None, ("LMS", "LMS", "Automatic")),
+    ("Heun", None, ("Heun", "Heun", "Automatic")),
+    # DDIM and PLMS stay in the diffusers family for now.
     ("DDIM", None, ("ddim", "DDIM", "Automatic")),
     ("PLMS", None, ("pndm", "PLMS", "Automatic")),
-    # DPM++ 2M's own schedule in the webui is Karras; Uniform is the plain one.
-    ("DPM++ 2M", None, ("dpmpp_2m_karras", "DPM++ 2M", "Automatic")),
-    ("DPM++ 2M", "Karras", ("dpmpp_2m_karras", "DPM++ 2M", "Karras")),
-    ("DPM++ 2M", "uniform", ("dpmpp_2m", "DPM++ 2M", "Uniform")),
-    ("DPM++ 2M Karras", None, ("dpmpp_2m_karras", "DPM++ 2M", "Karras")),  # the pre-1.9 combined name
-    (None, None, ("euler", "Euler", "Automatic")),  # the API's sampler_index default
+    # DPM++ 2M's own schedule in the webui is Karras: naming it is Automatic again, as the webui converts it.
+    ("DPM++ 2M", None, ("DPM++ 2M", "DPM++ 2M", "Automatic")),
+    ("DPM++ 2M", "Karras", ("DPM++ 2M", "DPM++ 2M", "Automatic")),
+    ("DPM++ 2M", "uniform", ("DPM++ 2M", "DPM++ 2M", "Uniform")),
+    ("DPM++ 2M Karras", None, ("DPM++ 2M", "DPM++ 2M", "Automatic")),  # the pre-1.9 combined name
+    ("LMS Karras", None, ("LMS", "LMS", "Karras")),
+    (None, None, ("Euler", "Euler", "Automatic")),  # the API's sampler_index default
 ])
 def test_webui_sampler_names_map_onto_altdiff_samplers(name, scheduler, expected):
     assert webui.resolve_sampler(name, scheduler) == expected
 
 
 @pytest.mark.parametrize("name, scheduler, field", [
-    ("Heun", None, "sampler_name"), ("euler a", None, "sampler_name"), ("Euler a", "Karras", "scheduler"),
-    ("DDIM", "Karras", "scheduler"), ("Euler", "Exponential", "scheduler"), ("Euler", "nope", "scheduler"),
+    ("No such sampler", None, "sampler_name"), ("DDIM", "Karras", "scheduler"), ("PLMS", "Exponential", "scheduler"),
+    ("Euler", "nope", "scheduler"),
 ])
 def test_unknown_samplers_and_schedules_name_the_field(name, scheduler, field):
     with pytest.raises(webui.FieldError) as e:

@@ -237,7 +237,7 @@ class Worker:
                 pipe._interrupt = True
             return {}
 
-        images, nsfw, networks = [], [], {}
+        images, nsfw, networks, texts = [], [], {}, []
         try:
             for b in range(task.n_iter):
                 if state.interrupted or job.cancelled:
@@ -245,12 +245,13 @@ class Worker:
                 state.job_no, state.sampling_step = b, 0
                 result = generate(**webui.generate_kwargs(task, pipe, b), callback_on_step_end=on_step)
                 networks = result.infotext
+                texts += result.infotexts
                 images += result.images
                 nsfw += result.nsfw_content_detected or [False] * len(result.images)
         finally:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
             state.job = ""
-        result = webui.finish(task, images, nsfw, title, networks)
+        result = webui.finish(task, images, nsfw, title, networks, texts or None)
         if not task.request.get("override_settings_restore_afterwards", True):
             self.options.update({k: v for k, v in overrides.items() if k in webui.OVERRIDABLE})
             if task.model is not None:
