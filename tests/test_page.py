@@ -27,10 +27,13 @@ def server(tmp_path_factory, m9_folder):
     root = tmp_path_factory.mktemp("page")
     (root / "loras").mkdir()
     (root / "loras" / "detail.safetensors").write_bytes(b"")  # /loras lists files; only generating reads them
+    (root / "models").mkdir()
+    (root / "models" / "m9-copy").symlink_to(m9_folder, target_is_directory=True)
     (root / "embeddings").mkdir()
     torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "style"}, root / "embeddings" / "style.pt")
     torch.save({"string_to_param": {"*": torch.randn(1, 768)}, "name": "wide"}, root / "embeddings" / "wide.pt")
-    s = Server(ServeConfig(models=[str(m9_folder)], device="cpu", lora_dir=str(root / "loras"),
+    s = Server(ServeConfig(models=[str(m9_folder)], models_dir=str(root / "models"), device="cpu",
+                           lora_dir=str(root / "loras"),
                            embeddings_dir=str(root / "embeddings")))
     yield s
     s.close()
@@ -204,6 +207,16 @@ def test_lora_and_embedding_pickers_insert_at_the_prompt(server, browser):
     assert by_id(browser, "prompt").get_attribute("value") == "a cat <lora:detail:1> style"
     assert by_id(browser, "lora_picker").get_attribute("value") == ""
     field(browser, "prompt", PROMPT)
+
+
+def test_the_model_selector_loads_the_model(server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    model = Select(by_id(browser, "model"))
+    assert [o.text for o in model.options] == ["m9", "m9-copy"]
+    model.select_by_visible_text("m9-copy")
+    wait(browser, lambda d: by_id(d, "status").text == "Model: m9-copy")
+    assert requests.get(server.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == "m9-copy"
 
 
 def test_send_to_img2img_paints_a_mask_and_sends_it(server, browser):
