@@ -182,6 +182,45 @@ def test_interrupt_says_so_and_the_progress_shows_an_eta(server, browser):
     field(browser, "n_iter", 1)
 
 
+def test_live_preview_and_skip_when_the_server_has_them(server, browser):
+    """altdiff sends no current_image and has no /skip yet: a server that has them is stood in for by
+    answering those two fetches in the page, before its scripts run."""
+    dot = base64.b64encode(requests.get(server.url + "/web/favicon.svg").content).decode()  # any image data
+    stub = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": f"""
+        const original = window.fetch;
+        window.fetch = async (url, init) => {{
+            const response = await original(url, init);
+            if (url === "openapi.json") {{
+                const schema = await response.json();
+                schema.paths["/sdapi/v1/skip"] = {{}};
+                return new Response(JSON.stringify(schema));
+            }}
+            if (String(url).startsWith("sdapi/v1/progress")) {{
+                const report = await response.json();
+                if (report.state.job_count) report.current_image = "{dot}";
+                return new Response(JSON.stringify(report));
+            }}
+            return response;
+        }};"""})
+    try:
+        open_page(browser, server)
+        assert by_id(browser, "skip").is_displayed()
+        field(browser, "steps", 150)
+        n = figures(browser)
+        by_id(browser, "generate").click()
+        wait(browser, lambda d: by_id(d, "preview").is_displayed())
+        assert by_id(browser, "preview").get_attribute("src") == f"data:image/png;base64,{dot}"
+        by_id(browser, "skip").click()
+        wait(browser, lambda d: d.execute_script("return window.sent.some(([u]) => u.endsWith('skip'))"))
+        by_id(browser, "interrupt").click()
+        wait(browser, lambda d: figures(d) > n)
+        assert not by_id(browser, "preview").is_displayed()
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": stub["identifier"]})
+        field(browser, "steps", 2)
+    open_page(browser, server)
+
+
 def test_a_refused_field_gets_focus_aria_invalid_and_its_message(server, browser):
     field(browser, "width", 100)
     generate(browser)

@@ -38,7 +38,3 @@ export async function recall() {
     return [];
   }
 }
-
-export async function forget() {
-  await request((await open()).clear());
-}
