@@ -310,6 +310,8 @@ def test_hires_fix_sends_the_webuis_fields(server, browser):
 
 
 def test_png_info_reads_a_png_and_sends_it_to_txt2img(server, browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
     src = browser.find_element("css selector", "#gallery img").get_attribute("src")
     png = tmp_path / "result.png"
     png.write_bytes(base64.b64decode(src.partition(",")[2]))
@@ -332,7 +334,9 @@ def test_png_info_reads_a_png_and_sends_it_to_txt2img(server, browser, tmp_path)
     assert by_id(browser, "seed").get_attribute("value") == params["Seed"]
     assert by_id(browser, "steps").get_attribute("value") == params["Steps"]
 
-    by_id(browser, "tab_pnginfo").click()
+    by_id(browser, "tab_generate").send_keys(Keys.ARROW_RIGHT)  # the ARIA tabs pattern's arrow keys
+    assert browser.execute_script("return document.activeElement.id") == "tab_pnginfo"
+    assert by_id(browser, "panel_pnginfo").is_displayed()
     pasted = "a dog\nNegative prompt: rain\nSteps: 7, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, " \
              "Seed: 1234, Size: 48x40"
     field(browser, "png_text", pasted)

@@ -132,7 +132,17 @@ async function init() {
     saveSettings();
   });
   $("model").addEventListener("change", chooseModel);
-  for (const tab of document.querySelectorAll("[role=tab]")) tab.addEventListener("click", () => selectTab(tab));
+  const tabs = [...document.querySelectorAll("[role=tab]")];
+  for (const tab of tabs) {
+    tab.addEventListener("click", () => selectTab(tab));
+    tab.addEventListener("keydown", (e) => {  // the ARIA tabs pattern: arrows move between tabs
+      const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+      if (!step) return;
+      const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
+      selectTab(next);
+      next.focus();
+    });
+  }
   initLightbox();
   initMask();
   initPngInfo(sendFromPngInfo, showError);
