@@ -154,6 +154,7 @@ def test_ctrl_enter_with_a_blank_seed_shows_the_info_and_announces_once(server, 
     copy = browser.find_element("css selector", "#gallery figcaption button")
     copy.click()
     wait(browser, lambda d: copy.text == "Copied")
+    assert by_id(browser, "status").text == "Copied the generation info."
     by_id(browser, "seed_reuse").click()
     assert by_id(browser, "seed").get_attribute("value") == params["Seed"]
     by_id(browser, "seed_random").click()

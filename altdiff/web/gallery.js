@@ -1,5 +1,7 @@
 // The results: each image with its generation info, a copy button, "send to img2img", a download link and
 // a larger view on click. The newest batch goes first.
+import { announce } from "./status.js";
+
 const $ = (id) => document.getElementById(id);
 
 async function copy(text, button) {
@@ -14,6 +16,7 @@ async function copy(text, button) {
     area.remove();
   }
   button.textContent = "Copied";
+  announce("Copied the generation info.");
   setTimeout(() => { button.textContent = "Copy"; }, 1500);
 }
 
