@@ -1,6 +1,6 @@
-"""`altdiff serve` driven by the AUTOMATIC1111 webui's own Python client (webuiapi) and its page by a real
-headless Chromium: images equal generate(), webui-shaped answers, bad requests refused by field, a bounded
-load test, disconnects, interrupts, auth, and Ray Serve replicas."""
+"""`altdiff serve` driven by the AUTOMATIC1111 webui's own Python client (webuiapi) (its page: tests/test_page.py):
+images equal generate(), webui-shaped answers, bad requests refused by field, a bounded load test, disconnects,
+interrupts, auth, and Ray Serve replicas."""
 
 import base64
 import gc
@@ -10,7 +10,6 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -538,61 +537,3 @@ def test_ray_serve_two_cpu_replicas(m9_folder, pipe):
         expected = make(pipe, "a cat", num_inference_steps=2, width=32, height=32, sampler="Euler", seed=[30 + k],
                         negative_prompt="")[0]
         assert level_diff(img, expected) <= 1  # replicas run torch with one thread: one level of rounding
-
-
-# --- the page, in a real headless Chromium ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    for path in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
-        assert Path(path).exists(), f"{path} missing: apt-get install chromium chromium-driver (.ci/run does)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    profile = tempfile.mkdtemp(prefix="altdiff-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    yield driver
-    driver.quit()
-
-
-def test_page_generates_with_progress_and_shows_errors(server, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    def field(name, value):
-        element = browser.find_element(By.ID, name)
-        element.clear()
-        element.send_keys(str(value))
-
-    browser.get(server.url)
-    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sampler_name option"))
-    assert browser.find_element(By.ID, "model").text == "m9"
-    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
-    for name, value in (("width", 32), ("height", 32), ("steps", 150), ("n_iter", 3), ("seed", 3)):
-        field(name, value)
-    browser.find_element(By.ID, "generate").click()
-    progress = "return Number(document.getElementById('progress').dataset.seen || 0)"
-    WebDriverWait(browser, 300, poll_frequency=0.05).until(lambda d: d.execute_script(progress) > 0)
-    browser.find_element(By.ID, "interrupt").click()  # keeps the test short on any machine
-    WebDriverWait(browser, 300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"))
-    img = browser.find_element(By.CSS_SELECTOR, "#gallery img")
-    src = img.get_attribute("src")
-    assert src.startswith("data:image/png;base64,")
-    png = decode(src.partition(",")[2])
-    prompt, _, params = parse_infotext(png.info["parameters"])
-    assert prompt == PROMPT and params["Seed"] == "3" and png.size == (32, 32)
-    link = browser.find_element(By.CSS_SELECTOR, "#gallery figcaption a")
-    assert link.get_attribute("href") == src and link.get_attribute("download") == "altdiff-3.png"
-    assert browser.find_element(By.ID, "error").is_displayed() is False
-
-    field("width", 100)
-    browser.find_element(By.ID, "generate").click()
-    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "error").is_displayed())
-    error = browser.find_element(By.ID, "error").text
-    assert "width" in error and "multiple of 8" in error

@@ -1,44 +1,23 @@
-// The altdiff page: a form over the webui's /sdapi/v1 API. No build step, no dependencies.
-"use strict";
+// The altdiff page: a form over the webui's /sdapi/v1 API. Plain ES modules, no build step.
+import { API, HttpError, getJSON, postJSON, routes } from "./api.js";
+import { clearInvalid, fillFromParameters, markInvalid, requestBody, restoreSettings, saveSettings } from "./form.js";
+import { addResult, initLightbox, lastSeed } from "./gallery.js";
+import { recall, remember } from "./history.js";
+import { parseInfotext } from "./infotext.js";
+import { chooseModel, loadLists } from "./lists.js";
+import { clearInitImage, initImages, initMask, maskImage, setInitImage } from "./mask.js";
+import { initPngInfo } from "./pnginfo.js";
+import { announce, showError } from "./status.js";
 
 const $ = (id) => document.getElementById(id);
-const API = "sdapi/v1/";
-const NUMBERS = ["width", "height", "steps", "cfg_scale", "seed", "batch_size", "n_iter"];
-
-async function getJSON(path) {
-  const response = await fetch(API + path);
-  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
-  return response.json();
-}
-
-function readFile(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(file);
-  });
-}
-
-// FastAPI's 422 lists {loc, msg}; other errors carry a string detail.
-function errorText(status, body) {
-  const detail = body && body.detail;
-  if (Array.isArray(detail)) {
-    return detail.map((d) => `${d.loc.filter((p) => p !== "body").join(".")}: ${d.msg}`).join("\n");
-  }
-  return `HTTP ${status}: ${detail || (body && body.error) || "request failed"}`;
-}
-
-function showError(text) {
-  $("error").textContent = text;
-  $("error").hidden = !text;
-}
 
 let polling = null;  // the /progress timer while a request is in flight
+let interrupted = false;
 
 function stopPolling() {
   clearInterval(polling);
   polling = null;
+  $("preview").hidden = true;
 }
 
 function setProgress(report) {
@@ -47,89 +26,135 @@ function setProgress(report) {
   bar.value = report.progress;
   bar.dataset.seen = Math.max(Number(bar.dataset.seen || 0), report.progress);
   const s = report.state;
-  $("status").textContent = s.job_count
-    ? `batch ${s.job_no + 1}/${s.job_count} · step ${s.sampling_step}/${s.sampling_steps}`
+  const eta = report.eta_relative > 0 ? ` · ETA ${Math.ceil(report.eta_relative)} s` : "";
+  $("progress_text").textContent = s.job_count
+    ? `batch ${s.job_no + 1}/${s.job_count} · step ${s.sampling_step}/${s.sampling_steps}${eta}`
     : "waiting…";
+  if (report.current_image) {
+    $("preview").src = `data:image/png;base64,${report.current_image}`;
+    $("preview").hidden = false;
+  }
 }
 
-// The newest batch goes first, its images in order.
-function addImages(result) {
-  const info = JSON.parse(result.info);
-  const batch = document.createDocumentFragment();
-  result.images.forEach((b64, k) => {
-    const i = k - info.index_of_first_image;
-    const label = i < 0 ? "grid" : `seed ${info.all_seeds[i]}`;
-    const url = `data:image/png;base64,${b64}`;
-    const figure = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = info.infotexts[k];
-    img.title = info.infotexts[k];
-    const caption = document.createElement("figcaption");
-    const link = document.createElement("a");
-    link.href = url;
-    link.download = `altdiff-${i < 0 ? "grid" : info.all_seeds[i]}.png`;
-    link.textContent = "download";
-    caption.append(label, link);
-    figure.append(img, caption);
-    batch.append(figure);
-  });
-  $("gallery").prepend(batch);
+function poll() {
+  getJSON("progress?skip_current_image=false").then(setProgress).catch(() => {});
+}
+
+async function sendToImg2Img(url, infotext) {
+  fillFromParameters(parseInfotext(infotext));
+  await setInitImage(url);
+  $("init_image").scrollIntoView({ block: "nearest" });
 }
 
 async function generate(event) {
   event.preventDefault();
   showError("");
-  const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
-                 sampler_name: $("sampler_name").value };
-  for (const id of NUMBERS) body[id] = Number($(id).value);
-  let route = "txt2img";
-  const file = $("init_image").files[0];
-  if (file) {
-    route = "img2img";
-    body.init_images = [await readFile(file)];
-    body.denoising_strength = Number($("denoising_strength").value);
+  clearInvalid();
+  saveSettings();
+  const images = await initImages();
+  const route = images ? "img2img" : "txt2img";
+  const body = requestBody(Boolean(images));
+  if (images) {
+    body.init_images = images;
+    const mask = maskImage();
+    if (mask) body.mask = mask;
   }
   $("generate").disabled = true;
   $("interrupt").disabled = false;
+  $("skip").disabled = false;
   $("progress").value = 0;
-  $("status").textContent = "queued…";
+  $("progress_text").textContent = "queued…";
+  announce("Generating…");
+  interrupted = false;
   const started = performance.now();
-  polling = setInterval(() => getJSON("progress").then(setProgress).catch(() => {}), 250);
+  polling = setInterval(poll, 250);
   try {
-    const response = await fetch(API + route, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
-    const result = await response.json().catch(() => null);
+    const result = await postJSON(route, body);
     stopPolling();
-    if (!response.ok) {
-      showError(errorText(response.status, result));
-      $("status").textContent = "";
-      return;
-    }
-    addImages(result);
+    addResult(result, sendToImg2Img);
+    remember(result);
     $("progress").value = 1;
+    const n = result.images.length;
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    $("status").textContent = `${result.images.length} image${result.images.length === 1 ? "" : "s"} in ${seconds} s`;
+    const done = `${n} image${n === 1 ? "" : "s"} in ${seconds} s`;
+    announce(interrupted ? `Interrupted: ${done}` : done);
   } catch (e) {
-    showError(String(e));
+    stopPolling();
+    showError(e.message);
+    announce(interrupted ? "Interrupted." : "Failed: see the error below.");
+    if (e instanceof HttpError) markInvalid(e.fields);
   } finally {
     stopPolling();
+    $("progress_text").textContent = "";
     $("generate").disabled = false;
     $("interrupt").disabled = true;
+    $("skip").disabled = true;
   }
+}
+
+function selectTab(tab) {
+  for (const t of document.querySelectorAll("[role=tab]")) {
+    const on = t === tab;
+    t.setAttribute("aria-selected", String(on));
+    t.tabIndex = on ? 0 : -1;
+    $(t.getAttribute("aria-controls")).hidden = !on;
+  }
+}
+
+async function sendFromPngInfo(params, image) {
+  fillFromParameters(params);
+  if (image) await setInitImage(image);
+  else await clearInitImage();
+  selectTab($("tab_generate"));
+  $("prompt").focus();
 }
 
 async function init() {
   $("form").addEventListener("submit", generate);
-  $("interrupt").addEventListener("click", () => fetch(API + "interrupt", { method: "POST" }));
+  $("form").addEventListener("input", saveSettings);  // on every keystroke: a reload keeps what was typed
+  for (const id of ["prompt", "negative_prompt"]) {
+    $(id).addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        if (!$("generate").disabled) $("form").requestSubmit();
+      }
+    });
+  }
+  $("interrupt").addEventListener("click", () => {
+    interrupted = true;
+    postJSON("interrupt").catch(() => {});
+  });
+  $("skip").addEventListener("click", () => postJSON("skip").catch(() => {}));
+  $("seed_random").addEventListener("click", () => { $("seed").value = "-1"; saveSettings(); });
+  $("seed_reuse").addEventListener("click", () => {
+    const seed = lastSeed();
+    if (seed !== null) $("seed").value = seed;
+    saveSettings();
+  });
+  $("model").addEventListener("change", chooseModel);
+  const tabs = [...document.querySelectorAll("[role=tab]")];
+  for (const tab of tabs) {
+    tab.addEventListener("click", () => selectTab(tab));
+    tab.addEventListener("keydown", (e) => {  // the ARIA tabs pattern: arrows move between tabs
+      const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+      if (!step) return;
+      const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
+      selectTab(next);
+      next.focus();
+    });
+  }
+  initLightbox();
+  initMask();
+  initPngInfo(sendFromPngInfo, showError);
+  for (const result of await recall()) addResult(result, sendToImg2Img, false);
   try {
-    const samplers = await getJSON("samplers");
-    for (const s of samplers) $("sampler_name").add(new Option(s.name, s.name, false, s.name === "Euler a"));
-    const options = await getJSON("options");
-    $("model").textContent = options.sd_model_checkpoint;
+    const has = await routes();
+    $("skip").hidden = !has.has(`/${API}skip`);
+    await loadLists((route) => has.has(route));
+    restoreSettings();
+    document.body.dataset.ready = "true";
   } catch (e) {
-    showError(String(e));
+    showError(e.message);
   }
 }
 
