@@ -43,13 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="altdiff", description="Multilingual text-to-image with AltDiffusion.",
                                 epilog="Many prompts: altdiff batch requests.jsonl --out DIR (altdiff batch -h). "
                                 "A web API and page: altdiff serve (altdiff serve -h).")
-    p.add_argument("prompt", help="the prompt, in any of the model's languages")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt, in any of the model's languages (optional with --infotext)")
     p.add_argument("-n", "--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (recorded in the PNG)")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLER_LABELS),
-                   help="default: the model's own scheduler")
+    p.add_argument("--sampler", default=None,
+                   help=f"diffusers family: one of {', '.join(sorted(SAMPLER_LABELS))} (default: the model's own "
+                        "scheduler); a webui name (\"Euler a\", \"DPM++ 2M Karras\", ...) runs the webui family")
+    p.add_argument("--scheduler", default=None, help="webui family: the schedule type (Karras, Exponential, ...)")
+    p.add_argument("--rng", default=None, choices=("GPU", "CPU", "NV"), help="webui family: the noise source")
+    p.add_argument("--ensd", type=int, default=0, help="webui family: eta noise seed delta (e.g. 31337)")
+    p.add_argument("--infotext", default=None, metavar="TEXT|PNG",
+                   help="remake a webui infotext (a PNG carrying one, or the text): its values fill every option "
+                        "left at its default")
     p.add_argument("-W", "--width", type=int, default=None)
     p.add_argument("-H", "--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (one UNet batch)")
@@ -106,6 +114,8 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.prompt is None and args.infotext is None:
+        raise ValueError("prompt: give a prompt (or --infotext to remake one)")
     for name in ("steps", "batch_size", "batch_count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -162,18 +172,30 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
     pipe = load(model, device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
                 compile=args.compile, cuda_graphs=not args.no_cuda_graphs, offload=args.offload)
     extra = _load_networks(pipe, args)
+    if args.infotext is not None:  # the infotext's values; the prompt, when given, replaces its prompt
+        result = generate(args.prompt, model=pipe, infotext=args.infotext, progress=not args.quiet,
+                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+        for img, text, path in zip(result.images, result.infotexts, paths):
+            print(save_png(img, path, text))
+        return 0
     sampler = args.sampler or sampler_for_config(pipe.scheduler_config)
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
     written = iter(paths)
     for b in range(args.batch_count):
         # One generator per image (seed, seed+1, ...): each image can be remade alone from its own seed.
         seeds = [seed + b * args.batch_size + j for j in range(args.batch_size)]
+        webui = dict(scheduler=args.scheduler, rng=args.rng, eta_noise_seed_delta=args.ensd)
         result = generate(args.prompt, model=pipe, negative_prompt=args.negative_prompt,
                           num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
                           height=None if init else args.height, width=None if init else args.width,
                           num_images_per_prompt=args.batch_size, seed=seeds, sampler=sampler, image=init,
                           strength=args.strength, progress=not args.quiet, a1111_prompts=args.a1111_prompts,
-                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                          **{k: v for k, v in webui.items() if v})
+        if result.infotexts:  # the webui family writes the webui's own infotext, which the webui remakes
+            for img, text in zip(result.images, result.infotexts):
+                print(save_png(img, next(written), text))
+            continue
         fields = {k: ", ".join(v for v in (extra.get(k), result.infotext.get(k)) if v)
                   for k in ("Lora hashes", "TI hashes")}
         for j, img in enumerate(result.images):

@@ -95,3 +95,19 @@ def test_infotext_survives_png_utf8(tmp_path):
     text = format_infotext("一只猫 قطة кошка 猫", "低质量", {"Steps": 1, "Sampler": "DDIM", "Seed": 1})
     save_png(PIL.Image.new("RGB", (8, 8)), tmp_path / "u.png", text)
     assert read_infotext(tmp_path / "u.png") == text
+
+
+def test_cli_webui_family_writes_the_webui_infotext_and_remakes_it(m9_folder, tmp_path, capsys):
+    """A webui sampler name runs the webui family; its PNG carries the webui >= 1.9 infotext, and
+    `--infotext PNG` remakes the same pixels from it (and `altdiff` without a prompt or infotext refuses)."""
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--model", str(m9_folder), "--device", "cpu", "--quiet", "--no-safety-checker"]
+    assert cli.main(["a cat wearing a hat", "--sampler", "DPM++ 2M Karras", "--steps", "3", "--seed", "7",
+                     "--rng", "NV", "--ensd", "31337", *common, "-o", str(first)]) == 0
+    _, _, params = parse_infotext(read_infotext(first))
+    assert (params["Sampler"], params["Schedule type"], params["RNG"]) == ("DPM++ 2M", "Karras", "NV")
+    assert cli.main(["--infotext", str(first), *common, "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(first)), np.asarray(PIL.Image.open(again)))
+    assert read_infotext(again) == read_infotext(first)
+    assert cli.main([*common, "-o", str(tmp_path / "c.png")]) == 2
+    assert "prompt" in capsys.readouterr().err
