@@ -116,6 +116,9 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
 def _check_args(args: argparse.Namespace) -> None:
     if args.prompt is None and args.infotext is None:
         raise ValueError("prompt: give a prompt (or --infotext to remake one)")
+    if args.sampler is not None and args.sampler not in SAMPLER_LABELS:
+        from .webui_sampling import resolve
+        resolve(args.sampler, args.scheduler)  # a ValueError naming the sampler or schedule type
     for name in ("steps", "batch_size", "batch_count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

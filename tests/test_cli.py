@@ -61,8 +61,9 @@ def test_cli_refuses_overwrite_and_bad_args(m9_folder, tmp_path, capsys):
     assert cli.main(["a", "-i", str(tmp_path / "missing.png"), "-o", str(tmp_path / "z.png")]) == 2
     assert "image" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "y.png").exists()
-    with pytest.raises(SystemExit):
-        cli.main(["a", "--sampler", "nope"])
+    # an unknown sampler is refused before any model loads
+    assert cli.main(["a", "--sampler", "nope", "-o", str(tmp_path / "s.png")]) == 2
+    assert "sampler" in capsys.readouterr().err
 
 
 def test_save_png_is_atomic_on_failure(tmp_path, monkeypatch):
