@@ -281,3 +281,73 @@ def test_prompt_editing_switches_conditioning_mid_run(pipes):
 
         expected = sampling.sample_euler(cfg, x * sigmas[0], sigmas, disable=True)
     assert (edited - expected).abs().max().item() <= 1e-4
+
+
+def _euler_reference(ref, pipe, cond_at, combine, seed=3, steps=4):
+    """k-diffusion's Euler with a CFG denoiser whose conditioning for call k is cond_at(k) (rows: the
+    sub-prompts, then the uncond) and whose rows are combined by combine(out)."""
+    with torch.no_grad():
+        model = external.CompVisDenoiser(_LDM(ref.unet, ref.scheduler.config))
+        sigmas = model.get_sigmas(steps)
+        x = torch.randn((1, 4, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor),
+                        generator=torch.Generator().manual_seed(seed))
+        calls = []
+
+        def cfg(x, sigma, **_):
+            cond = cond_at(len(calls))
+            calls.append(1)
+            n = cond.shape[0]
+            return combine(model(x.expand(n, -1, -1, -1), sigma.expand(n), cond=cond))
+
+        return sampling.sample_euler(cfg, x * sigmas[0], sigmas, disable=True)
+
+
+def _webui_latents(pipe, prompt, steps=4):
+    return altdiff.generate(prompt, model=pipe, sampler="Euler", num_inference_steps=steps, width=SIZE,
+                            height=SIZE, seed=3, output_type="latent", progress=False).images
+
+
+def test_alternation_changes_the_text_every_step(pipes):
+    """`[cat|dog] in a hat` (the webui wiki's "Alternating words"): the schedule is cat, dog, cat, dog for
+    steps 1-4, and the webui's denoiser counts calls from 0 and takes the first entry ending at or after the
+    count: cat, cat, dog, cat. Both texts come from one encoder call."""
+    pipe, ref = pipes
+    with torch.no_grad():
+        both = prompts.encode(pipe.tokenizer, pipe.text_encoder, ["cat in a hat", "dog in a hat"], pipe.device,
+                              joint_mean=True)
+        uncond = prompts.encode(pipe.tokenizer, pipe.text_encoder, [""], pipe.device)
+    row = [0, 0, 1, 0]
+    expected = _euler_reference(ref, pipe, lambda k: torch.cat([both[row[k]:row[k] + 1], uncond]),
+                                lambda out: out[1:] + (out[:1] - out[1:]) * 7.5)
+    latents = _webui_latents(pipe, "[cat|dog] in a hat")
+    assert (latents - expected).abs().max().item() <= 1e-4
+    assert (latents - _webui_latents(pipe, "cat in a hat")).abs().max() > 1e-2
+
+
+def test_and_combines_weighted_sub_prompts(pipes):
+    """`a cat AND a dog:0.5` (the webui wiki's "Composable diffusion"): one UNet call over both sub-prompts and
+    the uncond; denoised = u + 7.5 * (1.0 * (cat - u) + 0.5 * (dog - u)), in the webui's order of sums."""
+    pipe, ref = pipes
+    with torch.no_grad():
+        enc = [prompts.encode(pipe.tokenizer, pipe.text_encoder, [t], pipe.device) for t in ("a cat", "a dog", "")]
+
+    def combine(out):
+        u = out[2:3]
+        denoised = u.clone()
+        denoised += (out[0:1] - u) * (1.0 * 7.5)
+        denoised += (out[1:2] - u) * (0.5 * 7.5)
+        return denoised
+
+    expected = _euler_reference(ref, pipe, lambda k: torch.cat(enc), combine)
+    latents = _webui_latents(pipe, "a cat AND a dog:0.5")
+    assert (latents - expected).abs().max().item() <= 1e-4
+    assert (latents - _webui_latents(pipe, "a cat AND a dog:1.5")).abs().max() > 1e-2
+
+
+def test_nested_constructs_and_bad_syntax_run(pipes):
+    """A nested edit inside alternation, and bad syntax (read as literal text, as the webui does) make images
+    without crashing; their schedules are checked against lark in tests/test_conditioning.py."""
+    pipe, _ = pipes
+    nested = _webui_latents(pipe, "a [cat:[dog|bird]:2] in a hat")
+    assert torch.isfinite(nested).all()
+    assert torch.isfinite(_webui_latents(pipe, "a [cat:dog:x] (unclosed [ in a hat")).all()
