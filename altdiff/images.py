@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import re
 from collections.abc import Sequence
@@ -179,17 +180,20 @@ def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = No
 
 def save_numbered(image: PIL.Image.Image, folder: str | Path, name: str, infotext: str | None = None) -> Path:
     """Save as the next free number in `folder`, as the webui numbers files (`name` holds `{number:05}`).
-    Safe between processes sharing the folder: a name another process took meanwhile is never replaced; the
-    next number is tried instead."""
+    Safe between processes sharing the folder (Ray Serve replicas): the scan and the save hold an exclusive
+    lock on the folder's `.altdiff-numbering.lock`, since two processes' names differ (the seed is in them)
+    and could otherwise take one number; a name already there is never replaced, the next number is tried."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(m[1]) for p in folder.glob("*.png") if (m := re.match(r"(?:grid-)?(\d+)", p.name))]
-    number = max(taken, default=-1) + 1
-    while True:
-        try:
-            return save_png(image, folder / name.format(number=number), infotext, replace=False)
-        except FileExistsError:
-            number += 1
+    with open(folder / ".altdiff-numbering.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        taken = [int(m[1]) for p in folder.glob("*.png") if (m := re.match(r"(?:grid-)?(\d+)", p.name))]
+        number = max(taken, default=-1) + 1
+        while True:
+            try:
+                return save_png(image, folder / name.format(number=number), infotext, replace=False)
+            except FileExistsError:
+                number += 1
 
 
 def read_infotext(path: str | Path) -> str | None:

@@ -158,7 +158,8 @@ def test_two_processes_saving_into_one_folder_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), "15", name], env=env)
              for name in ("a", "b")]
     assert [p.wait(120) for p in procs] == [0, 0]
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert not list(tmp_path.glob(".*.tmp"))  # besides the PNGs only the numbering lock file remains
     numbers = sorted(int(n[:5]) for n in names)
     assert len(names) == 30 and numbers == list(range(30))  # every image a file, every number used once
 
