@@ -6,8 +6,8 @@ Contract, the webui's own:
 noise_sampler=None)`
 - `model(x, t, **extra_args) -> eps`: `t` is the integer timestep as a float tensor, one per batch row (the
   webui's CompVisTimestepsDenoiser behind its CFG denoiser).
-- `timesteps` ascending, from `get_timesteps` (txt2img) or `img2img_timesteps`; the sampler walks them from the
-  last down to `timesteps[1]` and lands on the noise level of `timesteps[0]`: one model call per interval,
+- `timesteps` ascending, from `get_timesteps` (txt2img) or `img2img_timesteps`; the sampler walks them from
+  the last down to `timesteps[1]` and lands on the noise level of `timesteps[0]`: one model call per interval,
   len(timesteps) - 1 in all (PLMS one more, for its first step). With 50 steps that is 49 calls, one fewer
   than diffusers' DDIM.
 - `alphas_cumprod`: the model's 1000 training alpha-bars (float32), as the webui reads them from the model.
@@ -119,7 +119,8 @@ def _ddim_loop(model: Model, x: torch.Tensor, timesteps: torch.Tensor, extra_arg
 def ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, extra_args: dict | None = None,
          callback: Callback | None = None, disable: bool | None = None, eta: float = 0.0, *,
          alphas_cumprod: torch.Tensor, noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2020) over the webui's timesteps; eta 0 (the webui's eta_ddim default) is deterministic."""
+    """DDIM (Song et al. 2020) over the webui's timesteps; eta 0 (the webui's eta_ddim default) is
+    deterministic."""
     return _ddim_loop(model, x, timesteps, extra_args, callback, disable, eta, alphas_cumprod, noise_sampler,
                       lambda e_t: e_t, "DDIM")
 
@@ -205,4 +206,5 @@ def find_timestep_sampler(name: str) -> str:
         for label, row in TIMESTEP_SAMPLERS.items():
             if key == label.casefold() or key in (alias.casefold() for alias in row.aliases):
                 return label
-    raise ValueError(f"sampler: unknown timestep sampler {name!r}; expected one of {', '.join(TIMESTEP_SAMPLERS)}")
+    raise ValueError(f"sampler: unknown timestep sampler {name!r}; expected one of "
+                     f"{', '.join(TIMESTEP_SAMPLERS)}")
