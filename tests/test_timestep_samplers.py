@@ -1,11 +1,15 @@
 """The webui family's timestep samplers (DDIM, DDIM CFG++, PLMS) against diffusers' DDIMScheduler and
-PNDMScheduler stepped over the webui's timesteps, with a small deterministic eps model."""
+PNDMScheduler stepped over the webui's timesteps, LCM against diffusers' LCMScheduler and Restart against
+k-diffusion's Heun runs, with a small deterministic eps model."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
+from kdiffusion_oracle import sampling
 
+from altdiff import k_schedules
 from altdiff import timestep_samplers as ts
+from altdiff.extra_samplers import EXTRA_SAMPLERS, LCMDenoiser, restart_steps, restart_sampler, sample_lcm
 from altdiff.timestep_samplers import TIMESTEP_SAMPLERS, find_timestep_sampler, get_timesteps
 
 SHAPE = (2, 4, 8, 8)
@@ -216,3 +220,74 @@ def test_table_and_lookup():
     assert find_timestep_sampler("Ddim_CFGpp") == "DDIM CFG++"
     with pytest.raises(ValueError, match="sampler"):
         find_timestep_sampler("Euler")
+
+
+# --- LCM and Restart (k-diffusion form) -----------------------------------------------------------------
+
+def test_lcm_matches_diffusers_lcm_scheduler():
+    """LCM over the webui's LCM denoiser equals diffusers' LCMScheduler (its boundary condition, timestep
+    scaling 10 and re-noising) stepping the same timesteps 999, 859, ..., 19 with the same noise; the
+    webui's skip term mixes the unscaled x, a difference below the tolerance at these timesteps."""
+    from diffusers import LCMScheduler
+
+    denoiser = LCMDenoiser(EpsModel(), ALPHAS)
+    sigmas = denoiser.get_sigmas(8)
+    timesteps = denoiser.sigma_to_t(sigmas[:-1])
+    assert timesteps.tolist() == list(range(999, 18, -140))
+    noise = _x(1)
+    ours = sample_lcm(denoiser, noise * sigmas[0], sigmas, disable=True, noise_sampler=_noise_stream(5))
+    scheduler = LCMScheduler(**BETAS, set_alpha_to_one=False)
+    scheduler.set_timesteps(8)
+    scheduler.timesteps = timesteps
+    model, x = EpsModel(), noise * sigmas[0] * ALPHAS[999].sqrt()
+    generator = torch.Generator().manual_seed(5)
+    for t in timesteps.tolist():
+        x = scheduler.step(model(x, torch.full((2,), float(t))), t, x, generator=generator).prev_sample
+    assert _max_err(ours, x) < 2e-6 * x.abs().max().item()  # float32 rounding of values up to ~40
+    other = sample_lcm(denoiser, noise * sigmas[0], sigmas, disable=True, noise_sampler=_noise_stream(6))
+    assert _max_err(other, x) > 1e-3
+
+
+def _kdiff_heun(model, x, sigmas):
+    return sampling.sample_heun(model, x, sigmas, disable=True)
+
+
+def test_restart_without_restarts_is_heun():
+    """Under 20 steps the webui's Restart adds no restart: k-diffusion's sample_heun (Euler into 0)."""
+    model = k_schedules.compvis_denoiser(EpsModel(), ALPHAS)
+    sigmas = k_schedules.karras(8, 0.03, 14.6)
+    x = _x() * sigmas[0]
+    ours = restart_sampler(model, x, sigmas, disable=True)
+    assert _max_err(ours, _kdiff_heun(model, x, sigmas)) < 1e-5
+    assert _max_err(ours, _kdiff_heun(model, x, sigmas[1:])) > 1e-3
+
+
+def test_restart_default_at_20_steps_composes_heun_runs():
+    """At 20 steps: a Karras schedule of 11 sigmas, then after the sigma nearest 0.1 one restart: noise up to
+    the sigma nearest 2 (sqrt(s_max^2 - s_min^2) scaled), 9 Heun steps back down its own 10-sigma Karras
+    schedule, and the rest (Xu et al. 2023). Composed from k-diffusion's sample_heun and get_sigmas_karras."""
+    model = k_schedules.compvis_denoiser(EpsModel(), ALPHAS)
+    sigmas = k_schedules.karras(20, 0.03, 14.6)
+    x = _x() * sigmas[0]
+    ours = restart_sampler(model, x, sigmas, disable=True, noise_sampler=_noise_stream(5))
+    main = sampling.get_sigmas_karras(11, sigmas[-2].item(), sigmas[0].item())
+    low = int(torch.argmin(abs(main - 0.1)))
+    high = int(torch.argmin(abs(main - 2)))
+    restart = sampling.get_sigmas_karras(10, main[low].item(), main[high].item())[:-1]
+    y = _kdiff_heun(model, x, main[:low + 1])
+    y = y + _noise_stream(5)() * (main[high] ** 2 - main[low] ** 2) ** 0.5
+    y = _kdiff_heun(model, y, restart)
+    y = _kdiff_heun(model, y, main[low:])
+    assert _max_err(ours, y) < 1e-5
+    assert _max_err(ours, _kdiff_heun(model, x, main)) > 1e-3
+    assert len(restart_steps(sigmas)) == 11 + 9  # the 20 steps asked: main steps plus restart steps
+    with pytest.raises(ValueError, match="noise_sampler"):
+        restart_sampler(model, x, sigmas, disable=True)
+
+
+def test_extra_table():
+    """The webui's rows: Restart (karras, second order) in samplers_k_diffusion; LCM (k_lcm) in
+    samplers_lcm."""
+    assert EXTRA_SAMPLERS["Restart"] == (restart_sampler, ("restart",), {"scheduler": "karras",
+                                                                        "second_order": True})
+    assert EXTRA_SAMPLERS["LCM"] == (sample_lcm, ("k_lcm",), {})
