@@ -580,8 +580,10 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
     source = Path(pipe.source) if pipe.source else None
     model_hash = infotext_io.model_hash(source) if source is not None and source.is_file() else None
     extra = dict(networks.infotext)
-    function_eta = "eta" in inspect.signature(KDIFFUSION_SAMPLERS[choice.label].function).parameters
-    if function_eta and eta is not None and eta != 1.0:
+    if choice.timesteps:  # CompVisSampler.initialize: "Eta DDIM" when not 0
+        if eta:
+            extra["Eta DDIM"] = eta
+    elif "eta" in inspect.signature(KDIFFUSION_SAMPLERS[choice.label].function).parameters and eta not in (None, 1.0):
         extra["Eta"] = eta
     texts_out = [infotext_io.write(
         p, neg, steps=steps, sampler=choice.label, schedule_type=choice.infotext_schedule_type,

@@ -127,15 +127,14 @@ def resolve_sampler(sampler_name: str | None, scheduler: str | None,
             find_schedule_type(scheduler)
         except ValueError as e:
             raise FieldError("scheduler", str(e).partition(": ")[2]) from None
-    try:
-        choice = webui_sampling.resolve(name, scheduler)
-        return choice.label, choice.label, choice.schedule_type
-    except ValueError:
-        pass
     found = next((n for n, (aliases, _, _) in TIMESTEP_SAMPLERS.items() if name == n or name in aliases), None)
     if found is None:
-        raise FieldError(field, f"unknown sampler {name!r}; expected one of "
-                         f"{[*KDIFFUSION_SAMPLERS, *TIMESTEP_SAMPLERS]}")
+        try:
+            choice = webui_sampling.resolve(name, scheduler)
+        except ValueError:
+            raise FieldError(field, f"unknown sampler {name!r}; expected one of "
+                             f"{[*KDIFFUSION_SAMPLERS, *TIMESTEP_SAMPLERS]}") from None
+        return choice.label, choice.label, choice.schedule_type
     label = find_schedule_type(scheduler).label if scheduler else "Automatic"
     if label not in ("Automatic", "Uniform"):
         raise FieldError("scheduler", f"{found} runs with the Automatic (Uniform) schedule only here, got {label}")
@@ -332,7 +331,7 @@ def generate_kwargs(task: Task, pipe, b: int) -> dict[str, Any]:
         kwargs.update(image=task.init_image, strength=task.denoising_strength)
     else:
         kwargs.update(height=task.height, width=task.width)
-    if task.sampler in KDIFFUSION_SAMPLERS:
+    if task.sampler in KDIFFUSION_SAMPLERS or task.sampler in webui_sampling.WEBUI_TIMESTEP_SAMPLERS:
         return dict(kwargs, family="webui", scheduler=task.scheduler, subseed=task.subseeds[part][0],
                     subseed_strength=task.subseed_strength, s_min_uncond=task.s_min_uncond)
     kwargs.update(a1111_prompts=True, clip_skip=clip_skip_for(pipe, task.clip_skip))

@@ -25,8 +25,11 @@ from .cfg_denoiser import CFGDenoiser
 from .k_samplers import KDIFFUSION_SAMPLERS, find_k_sampler, webui_sampler_kwargs
 from .k_schedules import SCHEDULE_TYPES, compvis_denoiser, find_schedule_type, training_sigmas, webui_sigmas
 from .rng import BrownianTreeNoise, ImageRNG, rng_noise_sampler
+from .timestep_samplers import TIMESTEP_SAMPLERS, get_timesteps, img2img_timesteps, setup_img2img_steps
 
-DEFAULT_SAMPLER = "DPM++ 2M"  # the webui's first sampler, its default in the UI
+DEFAULT_SAMPLER = "DPM++ 2M"
+# The timestep samplers run here (DDIM CFG++ needs the CFG denoiser's uncond prediction: not wired yet).
+WEBUI_TIMESTEP_SAMPLERS = ("DDIM", "PLMS")  # the webui's first sampler, its default in the UI
 SEED_LIMIT = 4294967294  # processing.get_fixed_seed: -1 picks random.randrange(4294967294)
 
 
@@ -36,8 +39,13 @@ class WebuiSampler:
     schedule_type: str  # the label of the schedule type asked for ("Automatic" = the sampler's own)
 
     @property
+    def timesteps(self) -> bool:
+        """A timestep sampler (DDIM, PLMS: model(x, t) -> eps over the webui's integer timesteps)."""
+        return self.label in TIMESTEP_SAMPLERS
+
+    @property
     def options(self) -> dict:
-        return KDIFFUSION_SAMPLERS[self.label].options
+        return (TIMESTEP_SAMPLERS if self.timesteps else KDIFFUSION_SAMPLERS)[self.label].options
 
     @property
     def infotext_schedule_type(self) -> str:
@@ -79,7 +87,14 @@ def resolve(sampler: str | None, scheduler: str | None) -> WebuiSampler:
         if suffix:
             name, schedule = name[:-len(suffix) - 1], candidate
             break
-    label = find_k_sampler(name)
+    try:
+        label = find_k_sampler(name)
+    except ValueError:
+        label = next((lb for lb in WEBUI_TIMESTEP_SAMPLERS if lb.casefold() == name.casefold()), None)
+        if label is None:
+            raise ValueError(f"sampler: unknown webui sampler {name!r}; expected one of "
+                             f"{', '.join([*KDIFFUSION_SAMPLERS, *WEBUI_TIMESTEP_SAMPLERS])}") from None
+        return WebuiSampler(label, schedule.label)  # the webui's timestep samplers have no schedule types
     if KDIFFUSION_SAMPLERS[label].options.get("scheduler") == schedule.name:
         schedule = SCHEDULE_TYPES[0]
     return WebuiSampler(label, schedule.label)
@@ -142,11 +157,15 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
         return unet(x.to(dtype), t, cond.to(dtype), cross_attention_kwargs=cross_attention_kwargs).float()
 
     device = pipe.device
+    noise = rng.next().to(device)
+    if choice.timesteps:
+        return _sample_timesteps(choice, eps, c, uc, rng, noise, alphas_cumprod, steps=steps, cfg_scale=cfg_scale,
+                                 eta=eta, s_min_uncond=s_min_uncond, init_latent=init_latent, strength=strength,
+                                 callback=callback)
     inner = compvis_denoiser(eps, alphas_cumprod.to(device), prediction_type)
     denoiser = CFGDenoiser(inner, c, uc, cfg_scale, s_min_uncond)
     function = KDIFFUSION_SAMPLERS[choice.label].function
     discard = bool(choice.options.get("discard_next_to_last_sigma"))
-    noise = rng.next().to(device)
     if init_latent is None:
         sigmas = webui_sigmas(choice.schedule_type, steps, model_sigmas, discard,
                               choice.options.get("scheduler"))
@@ -171,6 +190,29 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
     if "noise_sampler" in inspect.signature(function).parameters:
         kwargs["noise_sampler"] = noise_sampler
     return function(denoiser, x, extra_args={}, callback=callback, disable=True, **kwargs)
+
+
+def _sample_timesteps(choice: WebuiSampler, eps, c, uc, rng: ImageRNG, noise: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, *, steps: int, cfg_scale: float, eta: float | None,
+                      s_min_uncond: float, init_latent: torch.Tensor | None, strength: float | None,
+                      callback) -> torch.Tensor:
+    """The webui's CompVisSampler.sample / sample_img2img: the CFG denoiser over the UNet's eps at integer
+    timesteps; txt2img starts from the noise itself, img2img from init * sqrt(a) + noise * sqrt(1 - a)."""
+    denoiser = CFGDenoiser(eps, c, uc, cfg_scale, s_min_uncond)
+    discard = bool(choice.options.get("discard_next_to_last_sigma"))
+    if init_latent is None:
+        timesteps, x = get_timesteps(steps, discard), noise
+    else:
+        schedule_steps, t_enc = setup_img2img_steps(steps, strength)
+        timesteps, sqrt_a, sqrt_one_minus_a = img2img_timesteps(get_timesteps(schedule_steps, discard), t_enc,
+                                                                alphas_cumprod)
+        x = init_latent * sqrt_a + noise * sqrt_one_minus_a
+    function = TIMESTEP_SAMPLERS[choice.label].function
+    kwargs = {"eta": 0.0 if eta is None else eta} if "eta" in inspect.signature(function).parameters else {}
+    if "noise_sampler" in inspect.signature(function).parameters:
+        kwargs["noise_sampler"] = rng_noise_sampler(rng)
+    return function(denoiser, x, timesteps.to(noise.device), extra_args={}, callback=callback, disable=True,
+                    alphas_cumprod=alphas_cumprod.to(noise.device), **kwargs)
 
 
 def to_uint8(decoded: torch.Tensor) -> list[np.ndarray]:

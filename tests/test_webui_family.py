@@ -351,3 +351,29 @@ def test_nested_constructs_and_bad_syntax_run(pipes):
     nested = _webui_latents(pipe, "a [cat:[dog|bird]:2] in a hat")
     assert torch.isfinite(nested).all()
     assert torch.isfinite(_webui_latents(pipe, "a [cat:dog:x] (unclosed [ in a hat")).all()
+
+
+def test_ddim_and_plms_make_the_webuis_number_of_unet_calls(pipes):
+    """The webui's DDIM walks range(0, 1000, 1000 // steps) + 1, one UNet call per interval: 19 at 20 steps
+    (diffusers makes 20; at 30 steps the range has 31 entries, so 30 calls); PLMS one more for its first step
+    (sd_samplers_timesteps_impl.py).
+    DDIM with eta 1 draws each step's noise from the images' generators: repeatable, and unlike eta 0."""
+    pipe, _ = pipes
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        ddim = altdiff.generate(PROMPT, model=pipe, sampler="DDIM", num_inference_steps=20, width=SIZE,
+                                height=SIZE, seed=4, output_type="latent", progress=False)
+        n_ddim, calls[:] = len(calls), []
+        altdiff.generate(PROMPT, model=pipe, sampler="PLMS", num_inference_steps=10, width=SIZE, height=SIZE,
+                         seed=4, output_type="latent", progress=False)
+        n_plms = len(calls)
+    finally:
+        handle.remove()
+    assert (n_ddim, n_plms) == (19, 10)
+    eta = [altdiff.generate(PROMPT, model=pipe, sampler="DDIM", num_inference_steps=5, width=SIZE, height=SIZE,
+                            seed=4, eta=1.0, output_type="latent", progress=False) for _ in range(2)]
+    plain = altdiff.generate(PROMPT, model=pipe, sampler="DDIM", num_inference_steps=5, width=SIZE, height=SIZE,
+                             seed=4, output_type="latent", progress=False)
+    assert torch.equal(eta[0].images, eta[1].images) and (eta[0].images - plain.images).abs().max() > 1e-2
+    assert "Eta DDIM: 1.0" in eta[0].infotexts[0] and ddim.infotexts[0].count("Sampler: DDIM,") == 1
