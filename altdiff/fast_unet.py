@@ -29,6 +29,23 @@ from .unet import UNet
 MAX_GRAPHS = 4  # input shapes kept recorded; each holds its activations (~130 MB at 512² fp16, batch 2)
 
 
+# Compile failures that fall back to eager: dynamo's own, and its recompile limit under fullgraph (not a
+# TorchDynamoException).
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", None) or config.cache_size_limit
+
+
+def _shape_key(args: tuple, kwargs: dict) -> tuple:
+    """What makes dynamo (dynamic=False) specialise again: tensor shapes, dtypes, devices and Python values."""
+    def one(x):
+        return (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x)[:200]
+    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+
+
 def compiled(forward, device: torch.device):
     """`torch.compile` of a module's bound forward for `device`, one specialisation per input shape; the
     module's own hooks stay outside the compiled code. On the CPU with inductor freezing: weights become
@@ -37,16 +54,27 @@ def compiled(forward, device: torch.device):
     (`torch.compile(options=...)` did not apply it). Dynamo keeps compiled code per code object across
     torch.compile calls, and a frozen one holds the weights it saw: it is dropped first, or a rebuild after
     an in-place weight change (fuse_lora) would reuse the old weights. fullgraph: no graph break, so no
-    resumed-frame code that the reset would miss."""
-    fn = torch.compile(forward, dynamic=False, fullgraph=True)
-    if device.type != "cpu":
-        return fn
-    torch._dynamo.reset_code(forward.__code__)
+    resumed-frame code that the reset would miss.
 
-    def frozen(*args, **kwargs):
+    The one compile-cache policy for every compiled part: the first shapes (up to dynamo's recompile limit,
+    8 by default) are compiled and kept; a call with a further shape runs eager, so size, batch, clip skip
+    and chunk count never hit the limit (which under fullgraph raises)."""
+    fn = torch.compile(forward, dynamic=False, fullgraph=True)
+    if device.type == "cpu":
+        torch._dynamo.reset_code(forward.__code__)
+    shapes: set[tuple] = set()
+
+    def call(*args, **kwargs):
+        key = _shape_key(args, kwargs)
+        if key not in shapes:
+            if len(shapes) >= _recompile_limit():
+                return forward(*args, **kwargs)
+            shapes.add(key)
+        if device.type != "cpu":
+            return fn(*args, **kwargs)
         with torch._inductor.config.patch(freezing=True):
             return fn(*args, **kwargs)
-    return frozen
+    return call
 
 
 class CaptureError(RuntimeError):
@@ -100,7 +128,7 @@ class FastUNet:
                 if len(self.graphs) >= MAX_GRAPHS:
                     del self.graphs[next(iter(self.graphs))]  # the oldest shape; frees its memory pool
                 self.graphs[key] = self._capture(inputs)
-        except (torch._dynamo.exc.TorchDynamoException, CaptureError) as e:
+        except (*COMPILE_ERRORS, CaptureError) as e:
             _warn_fallback("fast UNet", e)
             self.failed = True
             self.graphs.clear()
@@ -152,7 +180,7 @@ class CompiledForward:
             self.fn, self.key = compiled(self.eager, next(module.parameters()).device), key
         try:
             return self.fn(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as e:
+        except COMPILE_ERRORS as e:
             _warn_fallback(f"compiled {type(module).__name__}", e)
             self.failed = True
             return self.eager(*args, **kwargs)

@@ -165,13 +165,30 @@ def encode_png(image: PIL.Image.Image, infotext: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = None) -> Path:
+def save_png(image: PIL.Image.Image, path: str | Path, infotext: str | None = None,
+             replace: bool = True) -> Path:
     """Write a PNG atomically (temp file in the same folder, then rename) with the infotext as a UTF-8
-    iTXt "parameters" chunk, so CJK and Arabic prompts survive."""
+    iTXt "parameters" chunk, so CJK and Arabic prompts survive. replace=False raises FileExistsError
+    rather than replace an existing file (atomic_path)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         image.save(tmp, format="PNG", pnginfo=_png_info(infotext))
     return path
+
+
+def save_numbered(image: PIL.Image.Image, folder: str | Path, name: str, infotext: str | None = None) -> Path:
+    """Save as the next free number in `folder`, as the webui numbers files (`name` holds `{number:05}`).
+    Safe between processes sharing the folder: a name another process took meanwhile is never replaced; the
+    next number is tried instead."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in folder.glob("*.png") if (m := re.match(r"(?:grid-)?(\d+)", p.name))]
+    number = max(taken, default=-1) + 1
+    while True:
+        try:
+            return save_png(image, folder / name.format(number=number), infotext, replace=False)
+        except FileExistsError:
+            number += 1
 
 
 def read_infotext(path: str | Path) -> str | None:

@@ -51,7 +51,7 @@ DEFAULT_SAMPLER = "Euler"  # the webui API's sampler_index default
 # enable_hr is off, mask settings without a mask, image_cfg_scale outside edit models) are accepted.
 INERT = {
     "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
-    "styles": ([], None), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
+    "styles": ([], None, ["None"]), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
     "firstphase_width": (0, None), "firstphase_height": (0, None), "s_min_uncond": (0, None),
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
     "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""), "infotext": (None, ""),
@@ -78,6 +78,9 @@ class Limits:
     max_batch_size: int = 8
     max_n_iter: int = 16
     max_upload_pixels: int = 4096 * 4096  # a decoded init image or png-info image
+    # characters of prompt / negative_prompt: ~30 chunks of 75 tokens of plain text; the webui has no limit,
+    # but encoding grows with the chunk count and a megabyte prompt would hold the worker for minutes
+    max_prompt_chars: int = 8192
 
 
 @dataclass
@@ -172,7 +175,8 @@ def decode_image(data: Any, field: str, max_pixels: int) -> PIL.Image.Image:
         raise FieldError(field, f"not valid base64 ({e})") from None
     try:
         img = PIL.Image.open(io.BytesIO(raw))
-    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError) as e:
+    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, ValueError) as e:
+        # ValueError: Pillow's text chunk limits (MAX_TEXT_CHUNK, MAX_TEXT_MEMORY), a zTXt bomb
         raise FieldError(field, f"not a readable image ({e})") from None
     if img.width * img.height > max_pixels:
         raise FieldError(field, f"{img.width}x{img.height} is larger than the {max_pixels} pixels allowed")
@@ -229,6 +233,9 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     for name in ("prompt", "negative_prompt"):
         if not isinstance(request.get(name) or "", str):
             raise FieldError(name, f"expected a string, got {type(request[name]).__name__}")
+        if len(request.get(name) or "") > limits.max_prompt_chars:
+            raise FieldError(name, f"{len(request[name])} characters is more than the server's limit of "
+                             f"{limits.max_prompt_chars}")
     overrides = request.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise FieldError("override_settings", f"expected an object, got {type(overrides).__name__}")
@@ -269,9 +276,7 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
             raise FieldError(name, f"expected a string, got {type(request[name]).__name__}")
     sampler, sampler_name, scheduler = resolve_sampler(request.get("sampler_name") or request.get("sampler_index"),
                                          request.get("scheduler"), sampler_field)
-    eta = _check_number(request, "eta", 0.0, 1.0, None)
-    if sampler == "euler_a" and eta not in (None, 1.0):
-        raise FieldError("eta", f"Euler a runs with eta 1 only (the plain ancestral sampler), got {eta!r}")
+    eta = _check_number(request, "eta", 0.0, 1.0, None)  # the webui accepts any eta with any sampler
 
     init_image = strength = None
     if img2img:

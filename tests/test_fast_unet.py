@@ -136,19 +136,42 @@ def test_unfused_lora_runs_the_plain_unet(m9_folder, no_inductor):
     assert isinstance(pipe.unet_runner(), fast_unet.FastUNet)
 
 
+def on_backend(monkeypatch, backend):
+    """torch.compile for real (dynamo traces, guards and recompiles) with a cheap `backend`."""
+    real = torch.compile
+    monkeypatch.setattr(fast_unet.torch, "compile", lambda fn, **kw: real(fn, backend=backend, **kw))
+    torch._dynamo.reset()
+
+
 def test_compilation_failure_warns_and_runs_eager(m9_folder, monkeypatch):
-    def broken(*args, **kwargs):
-        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
-    monkeypatch.setattr(fast_unet.torch, "compile", lambda module, **kw: broken)
+    def broken(gm, example_inputs):  # a backend failing as a missing C++ compiler makes inductor fail
+        raise RuntimeError("no C++ compiler")
+    on_backend(monkeypatch, broken)
     fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
     plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
-    with pytest.warns(RuntimeWarning, match="fast UNet: TorchDynamoException: no C\\+\\+ compiler; running the "
-                      "plain UNet"):
+    with pytest.warns(RuntimeWarning, match="(?s)fast UNet: BackendCompilerFailed: .*no C\\+\\+ compiler"):
         image = fast.generate("a cat", **GEN).images
     assert np.array_equal(image, plain.generate("a cat", **GEN).images)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, then plain runs quietly
         fast.generate("a cat", **GEN)
+
+
+def test_compile_survives_more_shapes_than_dynamos_recompile_limit(m9_folder, monkeypatch):
+    """12 input shapes through real dynamo (fullgraph, dynamic=False) on the "eager" backend: the first 8 are
+    compiled, the rest run eager, none raises FailOnRecompileLimitHit, every output is the plain UNet's."""
+    on_backend(monkeypatch, "eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
+    runner = pipe.unet_runner()
+    assert isinstance(runner, fast_unet.FastUNet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either: nothing failed
+        for k in range(12):
+            x, t, c = unet_inputs(pipe, batch=1 + k % 2, side=8 + 8 * (k // 2))
+            with torch.no_grad():
+                assert max_abs(runner(x, t, c), pipe.unet(x, t, c)) < 1e-5, k
+    assert not runner.failed
 
 
 def test_bad_input_gets_the_unets_errors(m9_folder, no_inductor):

@@ -175,14 +175,15 @@ def test_cli_flags():
 
 
 def test_cli_batch_and_serve_pass_the_offload_mode_to_load(monkeypatch, tmp_path, capsys, m9_folder):
-    from altdiff import batch, cli, pipeline, serve
+    from altdiff import batch, cli, pipeline
+    from altdiff.api import worker
 
     seen = []
 
     def fake_load(source, **kwargs):
         seen.append(kwargs["offload"])
         raise ValueError("not loading")
-    for module in (pipeline, batch, serve):
+    for module in (pipeline, batch, worker):
         monkeypatch.setattr(module, "load", fake_load)
     assert cli.main(["a cat", "--medvram", "-o", str(tmp_path / "x.png")]) == 2
     requests = tmp_path / "r.jsonl"

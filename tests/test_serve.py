@@ -274,8 +274,8 @@ def png_claiming(width, height) -> str:
 
 PNG = b64png(random_image(40, 40))
 BAD = [
-    ("txt2img", {"steps": "20"}, "steps"), ("txt2img", {"width": 64.0}, "width"),
-    ("txt2img", {"prompt": 5}, "prompt"), ("txt2img", {"seed": True}, "seed"),
+    ("txt2img", {"steps": "2.5"}, "steps"), ("txt2img", {"width": 64.5}, "width"),
+    ("txt2img", {"prompt": 5}, "prompt"), ("txt2img", {"seed": "x"}, "seed"),
     ("txt2img", {"override_settings": []}, "override_settings"),
     ("txt2img", {"width": 36}, "width"), ("txt2img", {"height": 20}, "height"),
     ("txt2img", {"steps": 0}, "steps"), ("txt2img", {"steps": 151}, "steps"),
@@ -287,16 +287,17 @@ BAD = [
     ("txt2img", {"sampler_name": None, "sampler_index": "nope"}, "sampler_index"),
     ("txt2img", {"scheduler": "Exponential"}, "scheduler"),
     ("txt2img", {"sampler_name": "Euler a", "scheduler": "Karras"}, "scheduler"),
-    ("txt2img", {"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+    ("txt2img", {"eta": 1.5}, "eta"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
     ("txt2img", {"override_settings": {"sd_vae": "x.pt"}}, "sd_vae"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, "CLIP_stop_at_last_layers"),
-    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 12}}, "clip_skip"),  # tiny XLM-R: 3 layers
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 12}},  # tiny XLM-R: 3 layers; generate()
+     '"override_settings","CLIP_stop_at_last_layers"'),  # refuses clip_skip, the 422 names the request field
     ("txt2img", {"enable_hr": True}, "enable_hr"), ("txt2img", {"restore_faces": True}, "restore_faces"),
     ("txt2img", {"tiling": True}, "tiling"), ("txt2img", {"styles": ["cinematic"]}, "styles"),
     ("txt2img", {"script_name": "x/y/z plot"}, "script_name"),
     ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
-    ("txt2img", {"controlnet_units": []}, "controlnet_units"), ("txt2img", {"s_churn": 0.5}, "s_churn"),
+    ("txt2img", {"s_churn": 0.5}, "s_churn"), ("txt2img", {"prompt": "x" * 8193}, "prompt"),
     ("txt2img", {"seed_resize_from_w": 64}, "seed_resize_from_w"),
     ("txt2img", {"firstphase_width": 64}, "firstphase_width"), ("txt2img", {"infotext": "a\nSteps: 2"}, "infotext"),
     ("txt2img", {"disable_extra_networks": True}, "disable_extra_networks"),
@@ -466,12 +467,13 @@ def test_interrupt_ends_the_job_at_the_next_step_and_returns_what_it_has(server)
     assert len(after["images"]) == 2  # the next job runs whole
 
 
-def test_cli_serve_basic_auth_on_every_route_and_loopback_only(m9_folder):
+def test_cli_serve_basic_auth_on_every_route_and_loopback_only(m9_folder, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # run in tmp_path: save_images without --outdir writes there
     proc = subprocess.Popen([sys.executable, "-m", "altdiff.cli", "serve", "--model", str(m9_folder), "--device",
-                             "cpu", "--port", str(port), "--api-auth", "alice:s3cret,bob:pw"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "cpu", "--port", str(port), "--api-auth", "alice:s3cret,bob:pw"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -491,8 +493,11 @@ def test_cli_serve_basic_auth_on_every_route_and_loopback_only(m9_folder):
         api = webuiapi.WebUIApi(port=port, username="bob", password="pw")
         assert len(api.txt2img(prompt="a cat", steps=1, width=32, height=32).images) == 1
         r = requests.post(f"{url}/sdapi/v1/txt2img", auth=("bob", "pw"), timeout=60,
-                          json={"prompt": "x", "steps": 1, "width": 32, "height": 32, "save_images": True})
-        assert r.status_code == 422 and "save_images" in r.text  # no --outdir
+                          json={"prompt": "x", "steps": 1, "width": 32, "height": 32, "save_images": True,
+                                "seed": 5})
+        assert r.status_code == 200  # no --outdir: where the webui saves by default (shared_options.py)
+        assert [p.relative_to(tmp_path).parts for p in tmp_path.rglob("*.png")] == [
+            ("outputs", "txt2img-images", time.strftime("%Y-%m-%d"), "00000-5.png")]
         listening = [c.laddr for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == "LISTEN"]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
     finally:

@@ -1,0 +1,54 @@
+"""The options (the few settings altdiff has) and the checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from .. import checks, webui
+from ..pipeline import DEFAULT_MODEL
+from .worker import Job, find_models, wait
+
+router = APIRouter()
+
+
+@router.get("/sdapi/v1/options")
+async def get_options(request: Request):
+    return request.app.state.worker.options
+
+
+@router.post("/sdapi/v1/options")
+async def set_options(options: dict[str, Any], request: Request):
+    worker = request.app.state.worker
+    known = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format"}
+    for key in options:
+        if key not in known:
+            raise webui.FieldError(key, f"not a setting altdiff has (it has {sorted(known)})")
+    model = options.get("sd_model_checkpoint")
+    names = [n for m in worker.models for n in (m.title, m.model_name)]
+    if model is not None and model not in names:
+        raise webui.FieldError("sd_model_checkpoint", f"unknown model {model!r}; expected one of "
+                               f"{[m.title for m in worker.models]}")
+    if "CLIP_stop_at_last_layers" in options and not checks.is_int(options["CLIP_stop_at_last_layers"], 1, 12):
+        raise webui.FieldError("CLIP_stop_at_last_layers", "expected an int in [1, 12]")
+    if options.get("samples_format", "png") != "png":
+        raise webui.FieldError("samples_format", "altdiff writes png only")
+    if model is not None:  # loaded now, in the queue, as the webui loads it before answering
+        await wait(worker, Job(lambda job: worker.pipeline(model), "load"), request)
+        options = {**options, "sd_model_checkpoint": worker.title(model)}
+    worker.options.update(options)
+    return None
+
+
+@router.get("/sdapi/v1/sd-models")
+async def sd_models(request: Request):
+    return [{"title": m.title, "model_name": m.model_name, "hash": None, "sha256": None,
+             "filename": m.source, "config": None} for m in request.app.state.worker.models]
+
+
+@router.post("/sdapi/v1/refresh-checkpoints")
+async def refresh_checkpoints(request: Request):
+    worker, config = request.app.state.worker, request.app.state.config
+    worker.models = find_models(config.models or ([] if config.models_dir else [DEFAULT_MODEL]),
+                                config.models_dir) or worker.models
