@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 # A temporary file this old is left from a process killed mid-write; a live write never takes this long.
 STALE_TEMP_SECONDS = 600
 

@@ -7,6 +7,8 @@ same order), so the same arguments and generator give the same image.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,11 @@ logger = logging.getLogger("altdiff")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
-_loaded: dict[str, Pipeline] = {}
+# generate(model="source") cache: the last MAX_LOADED sources, keyed on the resolved path (or the hub id);
+# the lock makes two threads asking for one source share one load.
+MAX_LOADED = 2
+_loaded: OrderedDict[str, Pipeline] = OrderedDict()
+_loaded_lock = threading.Lock()
 
 
 class _Interrupted(Exception):
@@ -54,9 +60,14 @@ def get_model(model: Pipeline | str | None) -> Pipeline:
     source = DEFAULT_MODEL if model is None else model
     if not isinstance(source, str):
         raise TypeError(f"model: expected an altdiff.Pipeline or a source string, got {type(model).__name__}")
-    if source not in _loaded:
-        _loaded[source] = load(source)
-    return _loaded[source]
+    key = str(Path(source).resolve()) if Path(source).exists() else source.strip()
+    with _loaded_lock:
+        if key not in _loaded:
+            _loaded[key] = load(source)
+            while len(_loaded) > MAX_LOADED:
+                _loaded.popitem(last=False)
+        _loaded.move_to_end(key)
+        return _loaded[key]
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float):

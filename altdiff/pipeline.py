@@ -178,7 +178,7 @@ class Pipeline:
         """diffusers' signature and return: (prompt_embeds, negative_prompt_embeds)."""
         from .generate import encode_prompt
 
-        with self.running():
+        with self.lock, self.running():  # running()'s exit releases offloaded weights: not under a generate()
             return encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
                                  negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
                                  a1111_prompts=a1111_prompts)

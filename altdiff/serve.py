@@ -22,9 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Router
 
 from . import __version__, checks, webui
-from .atomic import remove_stale_temps
 from .api import errors, generation, lists, options, page
 from .api.worker import Job, Worker
+from .atomic import remove_stale_temps
 from .batch import ray_gpus_per_actor
 
 __all__ = ["Job", "ServeConfig", "create_app", "run", "run_ray"]
@@ -79,8 +79,9 @@ class Guard:
         return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
 
     def _allowed(self, scope) -> set[str]:
-        return {m for route in self.router.routes if getattr(route, "methods", None)
-                and route.matches(scope)[0] != Match.NONE for m in route.methods}
+        # probed per method through the routes' public matching (included routers are routes of their own)
+        return {m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+                if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in self.router.routes)}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):  # lifespan

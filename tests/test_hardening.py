@@ -3,6 +3,7 @@ the weights reader, the converter) in one table; numbers given as numpy and torc
 file modes; the fp16 VAE retry end to end; thread safety; tokenizer properties."""
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -11,11 +12,13 @@ import re
 import shutil
 import struct
 import threading
+import time
 import traceback
 import unicodedata
 import warnings
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -666,13 +669,33 @@ def test_threads_sharing_a_pipeline_give_the_sequential_images(pipe):
         assert np.array_equal(got, want)
 
 
-def test_generate_waits_for_the_pipeline_lock(pipe):
+class WatchedLock:
+    """A lock that tells when a caller had to wait for it."""
+
+    def __init__(self):
+        self.inner, self.blocked = threading.Lock(), threading.Event()
+
+    def __enter__(self):
+        if not self.inner.acquire(blocking=False):
+            self.blocked.set()
+            self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+@pytest.mark.parametrize("call", [probe, lambda p: p.encode_prompt("a cat", p.device, 1, True)],
+                         ids=["generate", "encode_prompt"])
+def test_generate_and_encode_prompt_wait_for_the_pipeline_lock(pipe, monkeypatch, call):
+    lock = WatchedLock()
+    monkeypatch.setattr(pipe, "lock", lock)
     done = threading.Event()
-    with pipe.lock:
-        t = threading.Thread(target=lambda: (probe(pipe), done.set()))
+    with lock.inner:
+        t = threading.Thread(target=lambda: (call(pipe), done.set()))
         t.start()
-        t.join(timeout=0.5)
-        assert not done.is_set()  # cannot finish while another holder has the lock
+        assert lock.blocked.wait(60)  # the call reached the lock and waits at it
+        assert not done.is_set()
     t.join()
     assert done.is_set()
 
@@ -716,3 +739,25 @@ def test_the_pickle_payload_is_live(tmp_path):
     path = write_payload(tmp_path / "m.pt", "plain")
     pickle.loads(path.read_bytes())
     assert (tmp_path / "PWNED").exists()
+
+
+def test_concurrent_generate_with_a_model_string_loads_it_once(m9_folder, monkeypatch):
+    """Two threads naming one model (by two spellings of its path) share one load; the cache is bounded."""
+    generate_module = importlib.import_module("altdiff.generate")  # altdiff.generate is also the function
+
+    real, loads = generate_module.load, []
+
+    def slow_load(source, **kwargs):
+        loads.append(source)
+        time.sleep(0.3)  # both threads are inside get_model before the first load ends
+        return real(source, device="cpu", safety_checker=False)
+    monkeypatch.setattr(generate_module, "load", slow_load)
+    monkeypatch.setattr(generate_module, "_loaded", type(generate_module._loaded)())
+    spellings = [str(m9_folder), str(m9_folder) + "/"]
+    with ThreadPoolExecutor(2) as pool:
+        pipes = list(pool.map(generate_module.get_model, spellings))
+    assert len(loads) == 1 and pipes[0] is pipes[1]
+    for k in range(generate_module.MAX_LOADED + 1):  # hub-like ids: never looked up, the fake load counts
+        monkeypatch.setattr(generate_module, "load", lambda source, **kw: object())
+        generate_module.get_model(f"org/model-{k}")
+    assert len(generate_module._loaded) == generate_module.MAX_LOADED

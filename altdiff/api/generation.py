@@ -27,6 +27,7 @@ async def _images(req: _Request, request: Request, response: Response, img2img: 
         logger.info("%s: ignored unknown fields %s", request.url.path, ignored)
         response.headers[IGNORED_HEADER] = ascii(ignored)[:MAX_EXCERPT]
     body = req.model_dump(exclude=set(ignored))
+    worker.check_room()  # a full queue refuses before the uploads are decoded
     models = {name: m.title for m in worker.models for name in (m.title, m.model_name)}
     task = await run_in_threadpool(webui.parse_task, body, img2img=img2img, limits=config.limits,
                                    options=dict(worker.options), models=list(models),
@@ -37,11 +38,6 @@ async def _images(req: _Request, request: Request, response: Response, img2img: 
                                     else "img2img"), request)
     if result is None:
         return JSONResponse({"detail": "client disconnected"}, 499)
-    if not body["override_settings_restore_afterwards"]:
-        worker.options.update({k: v for k, v in (body["override_settings"] or {}).items()
-                               if k in webui.OVERRIDABLE})
-        if task.model is not None:
-            worker.options["sd_model_checkpoint"] = task.model
     if img2img and not body["include_init_images"]:
         body["init_images"] = body["mask"] = None
     # off the event loop: a large image takes most of a second to encode
@@ -64,7 +60,7 @@ async def img2img(req: Img2ImgRequest, request: Request, response: Response):
 async def png_info(req: PNGInfoRequest, request: Request):
     limits = request.app.state.config.limits
     image = await run_in_threadpool(webui.decode_image, req.image, "image", limits.max_upload_pixels)
-    return webui.png_info(image)
+    return await run_in_threadpool(webui.png_info, image)  # parsing a long infotext: off the event loop
 
 
 @router.get("/sdapi/v1/progress", response_model=ProgressResponse)

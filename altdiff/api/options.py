@@ -34,10 +34,9 @@ async def set_options(options: dict[str, Any], request: Request):
         raise webui.FieldError("CLIP_stop_at_last_layers", "expected an int in [1, 12]")
     if options.get("samples_format", "png") != "png":
         raise webui.FieldError("samples_format", "altdiff writes png only")
-    if model is not None:  # loaded now, in the queue, as the webui loads it before answering
-        await wait(worker, Job(lambda job: worker.pipeline(model), "load"), request)
-        options = {**options, "sd_model_checkpoint": worker.title(model)}
-    worker.options.update(options)
+    # A worker job: options and model switches take effect in arrival order with the jobs around them (the
+    # webui sets the options, then runs the next job), and a new model is loaded before the answer.
+    await wait(worker, Job(lambda job: worker.set_options(options), "options"), request)
     return None
 
 

@@ -21,9 +21,9 @@ import torch
 from fastapi import Request
 
 from .. import webui
+from ..atomic import remove_stale_temps
 from ..config import ConfigError
 from ..generate import generate
-from ..atomic import remove_stale_temps
 from ..images import save_numbered
 from ..pipeline import DEFAULT_MODEL, Pipeline, load
 from ..weights import WeightsError
@@ -142,12 +142,17 @@ class Worker:
             logger.error("loading %s failed: %s", self.options["sd_model_checkpoint"], self.preload.error)
 
     # queue
-    def submit(self, job: Job) -> None:
+    def check_room(self) -> None:
+        """QueueFull when no job can wait now: checked before a request's uploads are decoded, and on submit."""
         with self.cond:
             if len(self.waiting) >= self.config.max_queue:
                 self.stats["rejected"] += 1
                 mean = sum(self.durations) / len(self.durations) if self.durations else 1.0
                 raise QueueFull(max(1, math.ceil(mean * (len(self.waiting) + 1))))
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.check_room()
             self.waiting.append(job)
             self.cond.notify()
 
@@ -207,7 +212,17 @@ class Worker:
             self.pipe_title = title
         return self.pipe
 
+    def set_options(self, options: dict[str, Any]) -> None:
+        model = options.get("sd_model_checkpoint")
+        if model is not None:
+            self.pipeline(model)
+            options = {**options, "sd_model_checkpoint": self.title(model)}
+        self.options.update(options)
+
     def run_task(self, job: Job, task: webui.Task) -> webui.Result:
+        overrides = task.request.get("override_settings") or {}
+        if "CLIP_stop_at_last_layers" not in overrides:  # the options as they are when the job runs
+            task.clip_skip = int(self.options["CLIP_stop_at_last_layers"])
         pipe = self.pipeline(task.model)
         title = self.pipe_title
         state = self.state
@@ -236,6 +251,10 @@ class Worker:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
             state.job = ""
         result = webui.finish(task, images, nsfw, title, networks)
+        if not task.request.get("override_settings_restore_afterwards", True):
+            self.options.update({k: v for k, v in overrides.items() if k in webui.OVERRIDABLE})
+            if task.model is not None:
+                self.options["sd_model_checkpoint"] = task.model
         if task.request.get("save_images") and not job.cancelled:
             self.save(task, result)
         return result
@@ -279,7 +298,7 @@ async def wait(worker: Worker, job: Job, request: Request) -> Any:
     while not finished.is_set():
         try:
             await asyncio.wait_for(finished.wait(), 0.25)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        except TimeoutError:
             if await request.is_disconnected():
                 worker.cancel(job)
                 return None
