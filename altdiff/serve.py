@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Router
 
 from . import __version__, checks, webui
-from .api import errors, generation, lists, options, page
+from .api import control, errors, extras, generation, lists, options, page
 from .api.worker import Job, Worker
 from .atomic import remove_stale_temps
 from .batch import ray_gpus_per_actor
@@ -129,7 +129,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.mount("/web", StaticFiles(directory=page.WEB), name="web")
 
     errors.install(app)
-    for router in (generation.router, options.router, lists.router, page.router):
+    for router in (generation.router, options.router, lists.router, control.router, extras.router, page.router):
         app.include_router(router)
     return app
 
@@ -140,6 +140,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
     import uvicorn
 
     app = create_app(config)
+    app.state.address = (host, port)  # for /sdapi/v1/cmd-flags
     preload = app.state.worker.preload
     preload.done.wait()  # a model that does not load stops the command before it listens
     if preload.error is not None:

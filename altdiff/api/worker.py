@@ -89,12 +89,13 @@ class Progress:
     sampling_step: int = 0
     sampling_steps: int = 0
     interrupted: bool = False
+    skipped: bool = False
     job_timestamp: str = "0"
     time_start: float = 0.0
 
     def dict(self) -> dict[str, Any]:
-        return {"skipped": False, "interrupted": self.interrupted, "stopping_generation": False, "job": self.job,
-                "job_count": self.job_count, "job_timestamp": self.job_timestamp, "job_no": self.job_no,
+        return {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
+                "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp, "job_no": self.job_no,
                 "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
 
     def report(self) -> dict[str, Any]:
@@ -167,6 +168,9 @@ class Worker:
     def interrupt(self) -> None:
         self.state.interrupted = self.current is not None
 
+    def skip(self) -> None:
+        self.state.skipped = self.current is not None
+
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
@@ -201,10 +205,7 @@ class Worker:
         """The loaded pipeline of a model title; one model is kept loaded, as the webui does by default."""
         title = self.title(name)
         if self.pipe_title != title:
-            self.pipe = self.pipe_title = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self.unload()
             source = next(m.source for m in self.models if m.title == title)
             c = self.config
             self.pipe = load(source, device=c.device, dtype=c.dtype, safety_checker=c.safety_checker,
@@ -218,6 +219,12 @@ class Worker:
             self.pipeline(model)
             options = {**options, "sd_model_checkpoint": self.title(model)}
         self.options.update(options)
+
+    def unload(self) -> None:
+        self.pipe = self.pipe_title = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def run_task(self, job: Job, task: webui.Task) -> webui.Result:
         overrides = task.request.get("override_settings") or {}
@@ -233,7 +240,7 @@ class Worker:
         def on_step(pipe, i, t, tensors):
             state.sampling_step = min(i + 1, state.sampling_steps)
             job.sampling = True
-            if state.interrupted or job.cancelled:
+            if state.interrupted or state.skipped or job.cancelled:
                 pipe._interrupt = True
             return {}
 
@@ -242,13 +249,14 @@ class Worker:
             for b in range(task.n_iter):
                 if state.interrupted or job.cancelled:
                     break
-                state.job_no, state.sampling_step = b, 0
+                state.job_no, state.sampling_step, state.skipped = b, 0, False  # a skip ends one image
                 result = generate(**webui.generate_kwargs(task, pipe, b), callback_on_step_end=on_step)
                 networks = result.infotext
                 images += result.images
                 nsfw += result.nsfw_content_detected or [False] * len(result.images)
         finally:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
+            state.skipped = False
             state.job = ""
         result = webui.finish(task, images, nsfw, title, networks)
         if not task.request.get("override_settings_restore_afterwards", True):
