@@ -26,6 +26,7 @@ from .api import control, errors, extras, generation, lists, options, page
 from .api.worker import Job, Worker
 from .atomic import remove_stale_temps
 from .batch import ray_gpus_per_actor
+from .styles import read_styles
 
 __all__ = ["Job", "ServeConfig", "create_app", "run", "run_ray"]
 
@@ -36,6 +37,7 @@ class ServeConfig:
     models_dir: str | None = None
     lora_dir: str | None = None
     embeddings_dir: str | None = None
+    styles_file: str | None = None  # the webui's styles.csv
     outdir: str | None = None  # where save_images writes; None: the webui's outputs/<kind>-images/<date>/
     device: str | None = None
     dtype: str | None = None
@@ -125,6 +127,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="altdiff", version=__version__, lifespan=lifespan,
                   description="The AUTOMATIC1111 webui's /sdapi/v1 API on altdiff (AltDiffusion).")
     app.state.worker, app.state.config = worker, config
+    app.state.styles = read_styles(config.styles_file) if config.styles_file is not None else {}
     app.add_middleware(Guard, credentials=credentials, max_body_bytes=config.max_body_bytes, router=app.router)
     app.mount("/web", StaticFiles(directory=page.WEB), name="web")
 

@@ -18,9 +18,18 @@ from serving import Server, decode, pixels
 webuiapi = pytest.importorskip("webuiapi")
 
 
+STYLES_CSV = """name,prompt,negative_prompt
+# a comment row,ignored,
+cinematic,"{prompt}, film grain",blurry
+painted,oil painting,
+"""
+
+
 @pytest.fixture(scope="module")
-def server(m9_folder):
-    s = Server(ServeConfig(models=[str(m9_folder)], device="cpu"))
+def server(m9_folder, tmp_path_factory):
+    styles = tmp_path_factory.mktemp("styles") / "styles.csv"
+    styles.write_text(STYLES_CSV, encoding="utf-8")
+    s = Server(ServeConfig(models=[str(m9_folder)], device="cpu", styles_file=str(styles)))
     yield s
     s.close()
 
@@ -87,7 +96,8 @@ def test_extras_lanczos_and_nearest_as_pil(api):
 
 @pytest.mark.parametrize("body, field", [
     ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1"), ({"upscaler_2": "SwinIR 4x"}, "upscaler_2"),
-    ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"), ({"codeformer_visibility": 1}, "codeformer_visibility"),
+    ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"),
+    ({"codeformer_visibility": 1}, "codeformer_visibility"),
     ({"upscaler_1": "Lanczos", "upscaling_resize": 9}, "upscaling_resize"),
     ({"resize_mode": 1, "upscaling_resize_h": 9000}, "upscaling_resize_h")])
 def test_extras_refuses_what_altdiff_lacks_naming_the_field(server, body, field):
@@ -130,3 +140,25 @@ def test_skip_ends_the_current_image_and_the_next_runs_whole(server, monkeypatch
     assert (skipped[0] != whole[0]).any()  # image 1 stopped after its first step
     assert (skipped[1] == whole[1]).all()  # image 2 ran all its steps
     assert requests.get(f"{server.url}/sdapi/v1/progress", timeout=60).json()["state"]["skipped"] is False
+
+
+def test_styles_listed_and_applied_as_the_webui(server, api):
+    assert api.get_prompt_styles() == [
+        {"name": "cinematic", "prompt": "{prompt}, film grain", "negative_prompt": "blurry"},
+        {"name": "painted", "prompt": "oil painting", "negative_prompt": ""}]
+    body = {"seed": 3, "steps": 2, "width": 32, "height": 32}
+
+    def run(**kwargs):
+        r = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**body, **kwargs}, timeout=300).json()
+        return r, decode(r["images"][0])
+    styles = ["cinematic", "painted", "nope"]
+    styled, styled_image = run(prompt="a cat", negative_prompt="ugly", styles=styles)
+    # cinematic puts the prompt at {prompt}, painted is appended with ", ", the unknown style is ignored
+    plain, plain_image = run(prompt="a cat, film grain, oil painting", negative_prompt="ugly, blurry")
+    unstyled = run(prompt="a cat", negative_prompt="ugly")[1]
+    assert (pixels(styled_image) == pixels(plain_image)).all()
+    assert (pixels(styled_image) != pixels(unstyled)).any()
+    assert styled_image.info["parameters"] == plain_image.info["parameters"]
+    expected = "a cat, film grain, oil painting\nNegative prompt: ugly, blurry\n"
+    assert styled_image.info["parameters"].startswith(expected)
+    assert styled["parameters"]["prompt"] == "a cat"  # the request is echoed as sent

@@ -62,8 +62,10 @@ async def scripts():
 
 
 @router.get("/sdapi/v1/prompt-styles")
-async def prompt_styles():
-    return []
+async def prompt_styles(request: Request):
+    """The --styles-file's styles."""
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in request.app.state.styles.values()]
 
 
 # The webui's model-free upscalers (modules/upscaler.py: UpscalerNone, UpscalerLanczos, UpscalerNearest); its

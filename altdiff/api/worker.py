@@ -95,7 +95,8 @@ class Progress:
 
     def dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
-                "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp, "job_no": self.job_no,
+                "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp,
+                "job_no": self.job_no,
                 "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
 
     def report(self) -> dict[str, Any]:
