@@ -9,8 +9,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import requests
+import torch
 
 from altdiff.api import worker as worker_module
+from altdiff.preview import cheap_preview
 from altdiff.serve import ServeConfig
 
 from serving import Server, decode, pixels
@@ -162,3 +164,45 @@ def test_styles_listed_and_applied_as_the_webui(server, api):
     expected = "a cat, film grain, oil painting\nNegative prompt: ugly, blurry\n"
     assert styled_image.info["parameters"].startswith(expected)
     assert styled["parameters"]["prompt"] == "a cat"  # the request is echoed as sent
+
+
+def test_cheap_preview_maps_latent_channels_by_the_webuis_coefficients():
+    assert np.asarray(cheap_preview(torch.zeros(4, 3, 5))).tolist() == [[[127] * 3] * 5] * 3
+    latent = torch.zeros(4, 2, 2)
+    latent[0] = 1  # channel 0 -> (0.298, 0.207, 0.208), then * 0.5 + 0.5 and * 255
+    assert np.asarray(cheap_preview(latent))[0, 0].tolist() == [165, 153, 154]  # truncated
+    with pytest.raises(ValueError, match="latent"):
+        cheap_preview(torch.zeros(3, 2, 2))
+
+
+def test_progress_preview_changes_over_steps_and_eta_is_positive(server, monkeypatch):
+    generate, seen = worker_module.generate, {}
+    reached, release = {9: threading.Event(), 19: threading.Event()}, threading.Event()
+
+    def held_generate(**kwargs):  # pauses after steps 10 and 20 while the test reads /progress
+        callback = kwargs["callback_on_step_end"]
+
+        def held(pipe, i, t, tensors):
+            out = callback(pipe, i, t, tensors)
+            if i in reached:
+                reached[i].set()
+                release.wait(60)
+                release.clear()
+            return out
+        return generate(**{**kwargs, "callback_on_step_end": held})
+
+    monkeypatch.setattr(worker_module, "generate", held_generate)
+    thread = threading.Thread(target=lambda: requests.post(f"{server.url}/sdapi/v1/txt2img", timeout=300, json={
+        "prompt": "a cat", "seed": 1, "steps": 25, "width": 64, "height": 48}))
+    thread.start()
+    for i in reached:
+        assert reached[i].wait(120)
+        seen[i] = requests.get(f"{server.url}/sdapi/v1/progress", timeout=60).json()
+        release.set()
+    thread.join(300)
+    previews = [decode(seen[i]["current_image"]) for i in reached]
+    factor = server.worker.pipe.vae_scale_factor  # a preview has the latents' size
+    assert [p.size for p in previews] == [(64 // factor, 48 // factor)] * 2
+    assert (pixels(previews[0]) != pixels(previews[1])).any()
+    assert all(seen[i]["eta_relative"] > 0 for i in reached)
+    assert requests.get(f"{server.url}/sdapi/v1/progress", timeout=60).json()["current_image"] is None

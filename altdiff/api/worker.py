@@ -4,6 +4,7 @@ request handlers only parse, queue and wait."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import inspect
 import logging
@@ -24,7 +25,8 @@ from .. import webui
 from ..atomic import remove_stale_temps
 from ..config import ConfigError
 from ..generate import generate
-from ..images import save_numbered
+from ..images import encode_png, save_numbered
+from ..preview import cheap_preview
 from ..pipeline import DEFAULT_MODEL, Pipeline, load
 from ..weights import WeightsError
 
@@ -92,6 +94,8 @@ class Progress:
     skipped: bool = False
     job_timestamp: str = "0"
     time_start: float = 0.0
+    preview_latent: torch.Tensor | None = None  # the first image's latents at the last preview step
+    preview_every: int = 10  # the webui's show_progress_every_n_steps default
 
     def dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
@@ -107,8 +111,10 @@ class Progress:
         if self.sampling_steps > 0:
             progress += self.sampling_step / self.sampling_steps / self.job_count
         elapsed = time.time() - self.time_start
+        latent = self.preview_latent
+        image = None if latent is None else base64.b64encode(encode_png(cheap_preview(latent))).decode()
         return {"progress": min(progress, 1), "eta_relative": elapsed / progress - elapsed, "state": self.dict(),
-                "current_image": None, "textinfo": None}
+                "current_image": image, "textinfo": None}
 
 
 class Worker:
@@ -241,6 +247,8 @@ class Worker:
         def on_step(pipe, i, t, tensors):
             state.sampling_step = min(i + 1, state.sampling_steps)
             job.sampling = True
+            if state.preview_every > 0 and (i + 1) % state.preview_every == 0:
+                state.preview_latent = tensors["latents"][0].detach().clone()
             if state.interrupted or state.skipped or job.cancelled:
                 pipe._interrupt = True
             return {}
@@ -257,7 +265,7 @@ class Worker:
                 nsfw += result.nsfw_content_detected or [False] * len(result.images)
         finally:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
-            state.skipped = False
+            state.skipped, state.preview_latent = False, None
             state.job = ""
         result = webui.finish(task, images, nsfw, title, networks)
         if not task.request.get("override_settings_restore_afterwards", True):
