@@ -192,8 +192,8 @@ def test_progress_preview_changes_over_steps_and_eta_is_positive(server, monkeyp
         return generate(**{**kwargs, "callback_on_step_end": held})
 
     monkeypatch.setattr(worker_module, "generate", held_generate)
-    thread = threading.Thread(target=lambda: requests.post(f"{server.url}/sdapi/v1/txt2img", timeout=300, json={
-        "prompt": "a cat", "seed": 1, "steps": 25, "width": 64, "height": 48}))
+    body = {"prompt": "a cat", "seed": 1, "steps": 25, "width": 64, "height": 48}
+    thread = threading.Thread(target=lambda: requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300))
     thread.start()
     for i in reached:
         assert reached[i].wait(120)
