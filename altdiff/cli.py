@@ -284,6 +284,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", default=None, help="more models: diffusers folders and .safetensors/.ckpt files")
     add_network_options(p)
     p.add_argument("--outdir", default=None, help="where requests with save_images write their PNGs")
+    p.add_argument("--styles-file", default=None, help="the webui's styles.csv (name, prompt, negative_prompt): "
+                   "the styles a request's `styles` names")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
@@ -321,7 +323,8 @@ def serve_main(argv: list[str] | None = None) -> int:
                                  f"got {getattr(args, name)}")
         config = serve.ServeConfig(
             models=args.model, models_dir=args.models_dir, lora_dir=args.lora_dir,
-            embeddings_dir=args.embeddings_dir, outdir=args.outdir, device=args.device, dtype=args.dtype,
+            embeddings_dir=args.embeddings_dir, styles_file=args.styles_file, outdir=args.outdir,
+            device=args.device, dtype=args.dtype,
             safety_checker=not args.no_safety_checker, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
             offload=args.offload, api_auth=args.api_auth, max_queue=args.max_queue,
             limits=Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch_size=args.max_batch_size,

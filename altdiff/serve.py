@@ -22,10 +22,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Router
 
 from . import __version__, checks, webui
-from .api import errors, generation, lists, options, page
+from .api import control, errors, extras, generation, lists, options, page
 from .api.worker import Job, Worker
 from .atomic import remove_stale_temps
 from .batch import ray_gpus_per_actor
+from .styles import read_styles
 
 __all__ = ["Job", "ServeConfig", "create_app", "run", "run_ray"]
 
@@ -36,6 +37,7 @@ class ServeConfig:
     models_dir: str | None = None
     lora_dir: str | None = None
     embeddings_dir: str | None = None
+    styles_file: str | None = None  # the webui's styles.csv
     outdir: str | None = None  # where save_images writes; None: the webui's outputs/<kind>-images/<date>/
     device: str | None = None
     dtype: str | None = None
@@ -125,11 +127,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="altdiff", version=__version__, lifespan=lifespan,
                   description="The AUTOMATIC1111 webui's /sdapi/v1 API on altdiff (AltDiffusion).")
     app.state.worker, app.state.config = worker, config
+    app.state.styles = read_styles(config.styles_file) if config.styles_file is not None else {}
     app.add_middleware(Guard, credentials=credentials, max_body_bytes=config.max_body_bytes, router=app.router)
     app.mount("/web", StaticFiles(directory=page.WEB), name="web")
 
     errors.install(app)
-    for router in (generation.router, options.router, lists.router, page.router):
+    for router in (generation.router, options.router, lists.router, control.router, extras.router, page.router):
         app.include_router(router)
     return app
 
@@ -140,6 +143,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
     import uvicorn
 
     app = create_app(config)
+    app.state.address = (host, port)  # for /sdapi/v1/cmd-flags
     preload = app.state.worker.preload
     preload.done.wait()  # a model that does not load stops the command before it listens
     if preload.error is not None:

@@ -45,7 +45,7 @@ DEFAULT_SAMPLER = "Euler"  # the webui API's sampler_index default
 # enable_hr is off, mask settings without a mask, image_cfg_scale outside edit models) are accepted.
 INERT = {
     "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
-    "styles": ([], None, ["None"]), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
+    "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
     "firstphase_width": (0, None), "firstphase_height": (0, None),
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
     "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""), "infotext": (None, ""),

@@ -286,7 +286,7 @@ BAD = [
     ("txt2img", {"sampler_name": "DDIM", "override_settings": {"CLIP_stop_at_last_layers": 12}},
      '"override_settings","CLIP_stop_at_last_layers"'),
     ("txt2img", {"enable_hr": True}, "enable_hr"), ("txt2img", {"restore_faces": True}, "restore_faces"),
-    ("txt2img", {"tiling": True}, "tiling"), ("txt2img", {"styles": ["cinematic"]}, "styles"),
+    ("txt2img", {"tiling": True}, "tiling"), ("txt2img", {"styles": "cinematic"}, "styles"),
     ("txt2img", {"script_name": "x/y/z plot"}, "script_name"),
     ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
     ("txt2img", {"s_churn": 0.5}, "s_churn"), ("txt2img", {"prompt": "x" * 8193}, "prompt"),

@@ -9,7 +9,7 @@ from kdiffusion_oracle import sampling
 
 from altdiff import k_schedules
 from altdiff import timestep_samplers as ts
-from altdiff.extra_samplers import EXTRA_SAMPLERS, LCMDenoiser, restart_steps, restart_sampler, sample_lcm
+from altdiff.extra_samplers import EXTRA_SAMPLERS, LCMDenoiser, restart_sampler, restart_steps, sample_lcm
 from altdiff.timestep_samplers import TIMESTEP_SAMPLERS, find_timestep_sampler, get_timesteps
 
 SHAPE = (2, 4, 8, 8)

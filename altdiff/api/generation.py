@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import webui
 from ..images import encode_png
+from ..styles import apply_styles
 from .errors import MAX_EXCERPT
 from .models import ImagesResponse, Img2ImgRequest, PNGInfoRequest, ProgressResponse, Txt2ImgRequest, _Request
 from .worker import Job, wait
@@ -29,7 +30,11 @@ async def _images(req: _Request, request: Request, response: Response, img2img: 
     body = req.model_dump(exclude=set(ignored))
     worker.check_room()  # a full queue refuses before the uploads are decoded
     models = {name: m.title for m in worker.models for name in (m.title, m.model_name)}
-    task = await run_in_threadpool(webui.parse_task, body, img2img=img2img, limits=config.limits,
+    # processing.py setup_prompts: styles apply to the prompts the image (and its infotext) is made from
+    names, styled = body["styles"] or [], dict(body)
+    for key in ("prompt", "negative_prompt"):
+        styled[key] = apply_styles(body[key], names, request.app.state.styles, negative=key != "prompt")
+    task = await run_in_threadpool(webui.parse_task, styled, img2img=img2img, limits=config.limits,
                                    options=dict(worker.options), models=list(models),
                                    lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)
     if task.model is not None:

@@ -4,6 +4,7 @@ request handlers only parse, queue and wait."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import inspect
 import logging
@@ -24,8 +25,9 @@ from .. import webui
 from ..atomic import remove_stale_temps
 from ..config import ConfigError
 from ..generate import generate
-from ..images import save_numbered
+from ..images import encode_png, save_numbered
 from ..pipeline import DEFAULT_MODEL, Pipeline, load
+from ..preview import cheap_preview
 from ..weights import WeightsError
 
 if TYPE_CHECKING:
@@ -89,12 +91,16 @@ class Progress:
     sampling_step: int = 0
     sampling_steps: int = 0
     interrupted: bool = False
+    skipped: bool = False
     job_timestamp: str = "0"
     time_start: float = 0.0
+    preview_latent: torch.Tensor | None = None  # the first image's latents at the last preview step
+    preview_every: int = 10  # the webui's show_progress_every_n_steps default
 
     def dict(self) -> dict[str, Any]:
-        return {"skipped": False, "interrupted": self.interrupted, "stopping_generation": False, "job": self.job,
-                "job_count": self.job_count, "job_timestamp": self.job_timestamp, "job_no": self.job_no,
+        return {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
+                "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp,
+                "job_no": self.job_no,
                 "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
 
     def report(self) -> dict[str, Any]:
@@ -105,8 +111,10 @@ class Progress:
         if self.sampling_steps > 0:
             progress += self.sampling_step / self.sampling_steps / self.job_count
         elapsed = time.time() - self.time_start
+        latent = self.preview_latent
+        image = None if latent is None else base64.b64encode(encode_png(cheap_preview(latent))).decode()
         return {"progress": min(progress, 1), "eta_relative": elapsed / progress - elapsed, "state": self.dict(),
-                "current_image": None, "textinfo": None}
+                "current_image": image, "textinfo": None}
 
 
 class Worker:
@@ -167,6 +175,9 @@ class Worker:
     def interrupt(self) -> None:
         self.state.interrupted = self.current is not None
 
+    def skip(self) -> None:
+        self.state.skipped = self.current is not None
+
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
@@ -201,10 +212,7 @@ class Worker:
         """The loaded pipeline of a model title; one model is kept loaded, as the webui does by default."""
         title = self.title(name)
         if self.pipe_title != title:
-            self.pipe = self.pipe_title = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self.unload()
             source = next(m.source for m in self.models if m.title == title)
             c = self.config
             self.pipe = load(source, device=c.device, dtype=c.dtype, safety_checker=c.safety_checker,
@@ -218,6 +226,12 @@ class Worker:
             self.pipeline(model)
             options = {**options, "sd_model_checkpoint": self.title(model)}
         self.options.update(options)
+
+    def unload(self) -> None:
+        self.pipe = self.pipe_title = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def run_task(self, job: Job, task: webui.Task) -> webui.Result:
         overrides = task.request.get("override_settings") or {}
@@ -233,7 +247,9 @@ class Worker:
         def on_step(pipe, i, t, tensors):
             state.sampling_step = min(i + 1, state.sampling_steps)
             job.sampling = True
-            if state.interrupted or job.cancelled:
+            if state.preview_every > 0 and (i + 1) % state.preview_every == 0:
+                state.preview_latent = tensors["latents"][0].detach().clone()
+            if state.interrupted or state.skipped or job.cancelled:
                 pipe._interrupt = True
             return {}
 
@@ -242,7 +258,7 @@ class Worker:
             for b in range(task.n_iter):
                 if state.interrupted or job.cancelled:
                     break
-                state.job_no, state.sampling_step = b, 0
+                state.job_no, state.sampling_step, state.skipped = b, 0, False  # a skip ends one image
                 result = generate(**webui.generate_kwargs(task, pipe, b), callback_on_step_end=on_step)
                 networks = result.infotext
                 texts += result.infotexts
@@ -250,6 +266,7 @@ class Worker:
                 nsfw += result.nsfw_content_detected or [False] * len(result.images)
         finally:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
+            state.skipped, state.preview_latent = False, None
             state.job = ""
         result = webui.finish(task, images, nsfw, title, networks, texts or None)
         if not task.request.get("override_settings_restore_afterwards", True):
