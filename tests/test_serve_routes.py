@@ -66,7 +66,8 @@ def test_lists_in_the_webuis_shapes(api):
 def test_refresh_vae_and_interrogate(api):
     assert requests.post(f"{api.baseurl}/refresh-vae", timeout=60).json() == {}
     r = requests.post(f"{api.baseurl}/interrogate", json={"image": "", "model": "clip"}, timeout=60)
-    assert r.status_code == 501 and "captioning model" in r.json()["detail"]
+    assert r.status_code == 422 and "captioning model" in r.json()["detail"][0]["msg"]
+    assert r.json()["detail"][0]["loc"] == ["body", "model"]
 
 
 def test_unload_and_reload_checkpoint(server, api):

@@ -39,5 +39,7 @@ async def refresh_vae():
 
 @router.post("/sdapi/v1/interrogate")
 async def interrogate():
-    return JSONResponse({"detail": "interrogate needs a captioning model (CLIP interrogator or DeepBooru), "
-                                   "which altdiff does not have"}, 501)
+    # A refusal of the request (4xx naming the field), not a server fault: no captioning model exists here.
+    return JSONResponse({"detail": [{"type": "value_error", "loc": ["body", "model"],
+                                     "msg": "interrogate needs a captioning model (CLIP interrogator or "
+                                            "DeepBooru), which altdiff does not have"}]}, 422)
