@@ -36,8 +36,13 @@ class CFGDenoiser:
         self.init_latent: torch.Tensor | None = None  # inpainting: the latent kept where mask is 1
         self.mask: torch.Tensor | None = None
         self.nmask: torch.Tensor | None = None
+        # The timestep samplers blend the (un-noised) init latent into x before the model call; k-diffusion's
+        # into the denoised prediction after it (CFGDenoiserTimesteps / CFGDenoiser).
+        self.mask_before_denoising = False
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None and self.mask_before_denoising:
+            x = self.blend(x)
         conds_list, tensor = reconstruct_multicond_batch(self.cond, self.step)
         uncond = reconstruct_cond_batch(self.uncond, self.step)
         batch_size = len(conds_list)
@@ -65,10 +70,14 @@ class CFGDenoiser:
             # The cond prediction stands in for the missing uncond one, and guidance becomes 1.
             x_out = torch.cat([x_out, torch.cat([x_out[conds[0][0]:conds[0][0] + 1] for conds in conds_list])])
         denoised = combine_denoised(x_out, conds_list, batch_size, 1.0 if skip_uncond else self.cond_scale)
-        if self.mask is not None:
-            denoised = denoised * self.nmask + self.init_latent * self.mask
+        if self.mask is not None and not self.mask_before_denoising:
+            denoised = self.blend(denoised)
         self.step += 1
         return denoised
+
+    def blend(self, latent: torch.Tensor) -> torch.Tensor:
+        """Inpainting: the init latent where the mask keeps the picture, `latent` where it is repainted."""
+        return latent * self.nmask + self.init_latent * self.mask
 
 
 def combine_denoised(x_out: torch.Tensor, conds_list: list[list[tuple[int, float]]], batch_size: int,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checks, inpaint, prompts, webui_sampling
+from . import checks, hires, inpaint, prompts, webui_sampling
 from . import infotext as infotext_io
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
@@ -157,7 +157,7 @@ def _check_unicode(name: str, texts: list[str]) -> None:
 def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                   num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                   output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
-                  callback_steps) -> int:
+                  callback_steps, sized_image: bool = False) -> int:
     """Everything checkable before a model runs; returns the prompt batch size."""
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("prompt and prompt_embeds: pass one of them, not both")
@@ -200,7 +200,8 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
     for name, value in (("height", height), ("width", width)):
         if value is not None and (not is_int(value, 1) or value % 8):
             raise ValueError(f"{name}: must be a positive multiple of 8, got {value!r}")
-    if image is not None and (height is not None or width is not None):
+    # the webui's inpainting works at width x height and pastes back into the image at its own size
+    if image is not None and not sized_image and (height is not None or width is not None):
         raise ValueError("height/width: img2img takes its size from image; resize the image instead")
     if not is_int(num_inference_steps, 1):
         raise ValueError(f"num_inference_steps: must be a positive int, got {num_inference_steps!r}")
@@ -437,7 +438,7 @@ FAMILIES = ("diffusers", "webui")
 
 
 def _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
-            s_min_uncond) -> str:
+            s_min_uncond, inpaint_options, hires_options) -> str:
     """The sampler family: as given, else "webui" for a webui sampler name or a webui-only argument."""
     if family is not None:
         if family not in FAMILIES:
@@ -446,7 +447,8 @@ def _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subs
     if isinstance(sampler, str) and sampler not in SAMPLERS and webui_sampling.is_webui_sampler(sampler):
         return "webui"
     webui_only = (scheduler is not None, rng is not None, eta_noise_seed_delta not in (0, None),
-                  subseed is not None, subseed_strength not in (0, 0.0, None), s_min_uncond not in (0, 0.0, None))
+                  subseed is not None, subseed_strength not in (0, 0.0, None), s_min_uncond not in (0, 0.0, None),
+                  inpaint_options is not None, hires_options is not None)
     return "webui" if any(webui_only) else "diffusers"
 
 
@@ -460,17 +462,19 @@ class _Webui:
     subseed: int | None
     subseed_strength: float
     s_min_uncond: float
+    inpaint: inpaint.InpaintOptions | None  # with a mask_image
+    hires: hires.HiresOptions | None
 
 
 def _check_webui(sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min_uncond, generator, latents,
-                 prompt_embeds, negative_prompt_embeds, guidance_rescale, mask_image, tensor_inputs) -> _Webui:
+                 prompt_embeds, negative_prompt_embeds, guidance_rescale, image, mask_image, inpaint_options,
+                 hires_options, output_type, tensor_inputs) -> _Webui:
     """The webui family's arguments; what it does not take is named."""
     for name, value, why in (
             ("generator", generator, "its noise comes from `seed` (one generator per image, `rng` source)"),
             ("latents", latents, "its starting noise comes from `seed`"),
             ("prompt_embeds", prompt_embeds, "its conditioning is scheduled from the prompt text"),
-            ("negative_prompt_embeds", negative_prompt_embeds, "its conditioning comes from the text"),
-            ("mask_image", mask_image, "webui inpainting is not wired into generate() yet")):
+            ("negative_prompt_embeds", negative_prompt_embeds, "its conditioning comes from the text")):
         if value is not None:
             raise ValueError(f"{name}: not taken by the webui family ({why}); use family='diffusers'")
     if guidance_rescale:
@@ -491,25 +495,48 @@ def _check_webui(sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min
         raise ValueError(f"subseed_strength: must be in [0, 1], got {subseed_strength!r}")
     if not is_number(s_min_uncond) or s_min_uncond < 0:
         raise ValueError(f"s_min_uncond: must be a number >= 0, got {s_min_uncond!r}")
-    return _Webui(choice, source, int(ensd or 0), subseed, float(subseed_strength), float(s_min_uncond))
+    options = None
+    if mask_image is not None:
+        if image is None:
+            raise ValueError("mask_image: inpainting needs `image`, the picture the mask applies to")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if not isinstance(value, PIL.Image.Image):
+                raise TypeError(f"{name}: the webui family inpaints one PIL image with one PIL mask, got "
+                                f"{type(value).__name__}")
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type: the webui family's inpainting pastes its overlay on PIL images; "
+                             f"expected 'pil' or 'latent', got {output_type!r}")
+        options = inpaint.options(inpaint_options)
+    elif inpaint_options is not None:
+        raise ValueError("inpaint_options: they apply to a mask; pass mask_image too")
+    hires_options = hires.options(hires_options)
+    if hires_options is not None:
+        if image is not None:
+            raise ValueError("hires: the hires fix is txt2img's second pass; it takes no `image`")
+        # the second pass's sampler, checked before the model runs
+        webui_sampling.resolve(hires_options.hr_sampler_name or choice.label,
+                               hires_options.hr_scheduler or choice.schedule_type)
+    return _Webui(choice, source, int(ensd or 0), subseed, float(subseed_strength), float(s_min_uncond), options,
+                  hires_options)
 
 
 def _from_infotext(source, given: dict) -> dict:
     """generate()'s arguments for an infotext: its values for every argument `given` leaves at its default."""
     prompt_text, negative, params = infotext_io.parse(infotext_io.text_of(source))
     found = infotext_io.to_generate_kwargs(prompt_text, negative, params, lora_dir=given.get("lora_dir"))
-    if found.pop("hires", None):
-        raise ValueError("infotext: hires fix keys (Hires upscale, ...) are not reproduced yet")
+    if found.get("hires"):
+        found["hires"] = hires.from_infotext(found["hires"])
     defaults = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
     return {**given, **{k: v for k, v in found.items() if given.get(k, defaults.get(k)) == defaults.get(k)}}
 
 
 def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_images_per_prompt: int,
-                    shape, init_image, strength, steps: int, guidance_scale: float, eta, seed, clip_skip,
-                    cross_attention_kwargs, output_type, return_dict, callback_on_step_end, callback,
-                    callback_steps, progress, lora_dir, embeddings_dir):
+                    shape, init_image, image, mask_image, height, width, strength, steps: int,
+                    guidance_scale: float, eta, seed, clip_skip, cross_attention_kwargs, output_type, return_dict,
+                    callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir):
     """The webui family's stages (altdiff.webui_sampling): encode the prompt schedules, draw the webui's noise,
-    sample with its CFG denoiser, decode with its truncating conversion; the infotext of each image."""
+    sample with its CFG denoiser (an inpainting mask blended in; the hires fix's second pass after it), decode
+    with its truncating conversion (and paste the inpainting overlay); the infotext of each image."""
     if clip_skip is not None:
         raise ValueError("clip_skip: the webui ignores CLIP skip for XLM-R models, so its family does too; use "
                          "family='diffusers' for altdiff's clip_skip")
@@ -521,7 +548,7 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
     all_prompts = [t for t in texts for _ in range(n)]
     all_negatives = [t for t in negatives for _ in range(n)]
     total = len(all_prompts)
-    choice = webui.sampler
+    choice, hr = webui.sampler, webui.hires
     strength_used = webui.subseed_strength
     subseeds = webui_sampling.fixed_seeds(webui.subseed, total, "subseed")
     # processing.py: with a variation strength every image keeps the seed, and the subseed counts up.
@@ -532,29 +559,59 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
     for i, s in enumerate(seeds + subseeds):
         checks.seed(f"seed[{i}]", s)
     factor, channels = pipe.vae_scale_factor, pipe.unet.config.in_channels
-    if init_image is not None:
+    prepared = None
+    if mask_image is not None:
+        # The processing size: width x height, by default the image's own (a multiple of 8).
+        width = width or image.width - image.width % factor
+        height = height or image.height - image.height % factor
+        if width < factor or height < factor:
+            raise ValueError(f"image: {image.width}x{image.height} is smaller than {factor} pixels")
+        prepared = inpaint.prepare(image, mask_image, width, height, webui.inpaint)
+        init_image = preprocess(prepared.image, factor, channels)
+    elif init_image is not None:
         height, width = init_image.shape[2], init_image.shape[3]
     else:
         height, width = shape[2] * factor, shape[3] * factor
     latent_shape = (channels, height // factor, width // factor)
+    target = hires.target(width, height, hr, factor) if hr is not None else None
+    hr_choice = hr_steps = None
+    if target is not None:
+        hr_choice = webui_sampling.resolve(hr.hr_sampler_name or choice.label, hr.hr_scheduler or choice.schedule_type)
+        hr_steps = hr.hr_second_pass_steps or steps
+        hr_prompts = [prompts.strip_comments(hr.hr_prompt) if hr.hr_prompt else p for p in all_prompts]
+        hr_negatives = [prompts.strip_comments(hr.hr_negative_prompt) if hr.hr_negative_prompt else p
+                        for p in all_negatives]
+        if any("<" in p and p not in all_prompts for p in hr_prompts):
+            raise ValueError("hires: an hr_prompt with its own <lora:...> tags is not supported; put the "
+                             "networks in `prompt`")
 
     with pipe.lock, prompt_networks(pipe, all_prompts, all_negatives, a1111_prompts=True, lora_dir=lora_dir,
                                     embeddings_dir=embeddings_dir) as networks, torch.inference_mode(), \
             pipe.running():
         pipe._interrupt = False
         lora_scale = (cross_attention_kwargs or {}).get("scale")
+        first_total = choice.total_steps(steps)
         with text_encoder_scale(pipe, lora_scale):
-            c, uc = webui_sampling.conds(pipe, networks.prompt, all_negatives, choice.total_steps(steps), None)
+            c, uc = webui_sampling.conds(pipe, networks.prompt, all_negatives, first_total, None)
+            if target is not None:
+                hr_c, hr_uc = webui_sampling.conds(
+                    pipe, [networks.prompt[i] if p == all_prompts[i] else p for i, p in enumerate(hr_prompts)],
+                    hr_negatives, first_total, None, hires_steps=hr_choice.total_steps(hr_steps))
         dtype = next(pipe.unet.parameters()).dtype
         rng = ImageRNG(latent_shape, seeds, subseeds if strength_used else None, strength_used, webui.source,
                        pipe.device, webui.ensd)
-        init_latent = None
+        init_latent = mask = None
         if init_image is not None:
             # The webui samples the VAE posterior from torch's unseeded global RNG; altdiff seeds it per image.
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            init_latent = _image_latents(pipe, init_image, total, generators, pipe.device, dtype).float()
+            # contiguous: the encoder's output keeps the image's channels-last strides, and a layout picks the
+            # UNet's convolution kernels (~1e-7 apart, which an inpainting mask's hard edge can amplify)
+            init_latent = _image_latents(pipe, init_image, total, generators, pipe.device, dtype).float().contiguous()
+            if prepared is not None:
+                init_latent, mask = _inpaint_latents(pipe, init_latent, prepared, webui, latent_shape, seeds)
         run_steps = int(min(strength, 0.999) * steps) + 1 if init_image is not None else steps
-        with tqdm(total=run_steps, disable=not progress, desc="altdiff") as bar:
+        hr_run = hr_steps if target is not None else 0
+        with tqdm(total=run_steps + hr_run, disable=not progress, desc="altdiff") as bar:
             def on_step(d: dict) -> None:
                 bar.update()
                 i, x = d["i"], d["x"]
@@ -568,15 +625,72 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
                 if pipe._interrupt:  # the webui returns the last denoised prediction when interrupted
                     raise _Interrupted(d["denoised"])
 
+            common = dict(cfg_scale=guidance_scale, eta=eta, s_min_uncond=webui.s_min_uncond,
+                          cross_attention_kwargs=cross_attention_kwargs, callback=on_step, dtype=dtype)
             try:
                 latents = webui_sampling.sample(
-                    pipe, pipe.unet_runner(), choice, c, uc, rng, seeds, steps=steps, cfg_scale=guidance_scale,
-                    eta=eta, s_min_uncond=webui.s_min_uncond, init_latent=init_latent,
-                    strength=strength if init_image is not None else None,
-                    cross_attention_kwargs=cross_attention_kwargs, callback=on_step, dtype=dtype)
+                    pipe, pipe.unet_runner(), choice, c, uc, rng, seeds, steps=steps, init_latent=init_latent,
+                    strength=strength if init_image is not None else None, mask=mask, **common)
+                if target is not None:
+                    latents = _hires_pass(pipe, latents.to(dtype), target, hr, hr_choice, hr_c, hr_uc, seeds,
+                                          subseeds, webui, hr_steps, dtype, common)
             except _Interrupted as stop:
                 latents = stop.latents
         images, nsfw = _decode(pipe, latents.to(dtype), output_type, truncate=True)
+    if prepared is not None and output_type == "pil":
+        images = [inpaint.apply_overlay(img, prepared.overlay, prepared.paste_to) for img in images]
+    texts_out = _webui_infotexts(pipe, webui, networks, all_prompts, all_negatives, seeds, subseeds, steps,
+                                 guidance_scale, eta, width, height,
+                                 strength if init_image is not None else None, prepared)
+    if not return_dict:
+        return images, nsfw
+    return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext,
+                            infotexts=texts_out)
+
+
+def _inpaint_latents(pipe: Pipeline, init_latent: torch.Tensor, prepared: inpaint.PreparedInpaint, webui: _Webui,
+                     latent_shape: tuple[int, int, int], seeds: list[int]):
+    """StableDiffusionProcessingImg2Img.init's latent side: resize mode 3's latent resize, the (mask, nmask)
+    pair from the processing-size mask, the latent fills (2: the images' first seed noise, as the webui's
+    create_random_tensors draws it; 3: zeros)."""
+    options = webui.inpaint
+    channels, h, w = latent_shape
+    if options.resize_mode == 3:
+        init_latent = F.interpolate(init_latent, size=(h, w), mode="bilinear")
+    mask, nmask = inpaint.latent_mask(prepared.mask, w, h, options.mask_round, channels)
+    mask, nmask = mask.to(init_latent.device), nmask.to(init_latent.device)
+    noise = None
+    if options.inpainting_fill == 2:
+        noise = ImageRNG(latent_shape, seeds, None, 0.0, webui.source, init_latent.device, 0).next()
+    return inpaint.fill_latent(init_latent, mask, nmask, options.inpainting_fill, noise), (mask, nmask)
+
+
+def _hires_pass(pipe: Pipeline, samples: torch.Tensor, target: hires.HiresTarget, hr: hires.HiresOptions,
+                choice: webui_sampling.WebuiSampler, c, uc, seeds, subseeds, webui: _Webui, steps: int, dtype,
+                common: dict) -> torch.Tensor:
+    """StableDiffusionProcessingTxt2Img.sample_hr_pass: upscale the first pass (in latent space, or decoded,
+    resized by a model-free upscaler and encoded again), cut an hr_resize overflow, then img2img over it with
+    the hires sampler and new noise from the same seeds, running exactly `steps` steps."""
+    if hr.hr_upscaler in hires.LATENT_UPSCALE_MODES:
+        samples = hires.upscale_latent(samples.float(), target, hr.hr_upscaler, pipe.vae_scale_factor)
+    else:
+        decoded = pipe.vae.decode(samples / pipe.vae.config.scaling_factor)
+        images = [hires.upscale_image(i, target, hr.hr_upscaler) for i in hires.to_pixels(decoded)]
+        pixels = hires.from_pixels(images) * 2.0 - 1.0
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        samples = _image_latents(pipe, pixels, len(seeds), generators, pipe.device, dtype).float()
+    samples = hires.truncate(samples, target)
+    rng = ImageRNG(tuple(samples.shape[1:]), seeds, subseeds if webui.subseed_strength else None,
+                   webui.subseed_strength, webui.source, pipe.device, webui.ensd)
+    cfg = dict(common, cfg_scale=hr.hr_cfg if hr.hr_cfg is not None else common["cfg_scale"])
+    return webui_sampling.sample(pipe, pipe.unet_runner(), choice, c, uc, rng, seeds, steps=steps,
+                                 init_latent=samples, strength=hr.denoising_strength, fix_steps=True, **cfg)
+
+
+def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_negatives, seeds, subseeds,
+                     steps, guidance_scale, eta, width, height, strength, prepared) -> list[str]:
+    """processing.create_infotext for each image, with the keys the run added (Eta, mask, hires)."""
+    choice, hr = webui.sampler, webui.hires
     source = Path(pipe.source) if pipe.source else None
     model_hash = infotext_io.model_hash(source) if source is not None and source.is_file() else None
     extra = dict(networks.infotext)
@@ -585,18 +699,21 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
             extra["Eta DDIM"] = eta
     elif "eta" in inspect.signature(KDIFFUSION_SAMPLERS[choice.label].function).parameters and eta not in (None, 1.0):
         extra["Eta"] = eta
-    texts_out = [infotext_io.write(
+    if prepared is not None:
+        extra.update(inpaint.infotext_params(webui.inpaint, prepared.paste_to is not None))
+    if hr is not None and hires.target(width, height, hr, pipe.vae_scale_factor) is not None:
+        extra.update(hires.infotext_params(hr, sampler=choice.label, scheduler=choice.schedule_type,
+                                           prompt=all_prompts[0], negative_prompt=all_negatives[0],
+                                           cfg_scale=guidance_scale))
+        strength = hr.denoising_strength
+    return [infotext_io.write(
         p, neg, steps=steps, sampler=choice.label, schedule_type=choice.infotext_schedule_type,
         cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height, model_hash=model_hash,
         model=source.stem if source is not None and source.is_file() else (source.name if source else None),
-        variation_seed=subseeds[i] if strength_used else None, variation_seed_strength=strength_used,
-        denoising_strength=strength if init_image is not None else None,
+        variation_seed=subseeds[i] if webui.subseed_strength else None,
+        variation_seed_strength=webui.subseed_strength, denoising_strength=strength,
         ensd=webui.ensd if choice.uses_ensd(eta) else 0, rng=webui.source, extra=extra)
         for i, (p, neg) in enumerate(zip(all_prompts, all_negatives))]
-    if not return_dict:
-        return images, nsfw
-    return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext,
-                            infotexts=texts_out)
 
 
 def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | None = None,
@@ -617,7 +734,9 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              embeddings_dir: str | Path | None = None, mask_image: ImageInput | None = None,
              family: str | None = None, scheduler: str | None = None, rng: str | None = None,
              eta_noise_seed_delta: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
-             s_min_uncond: float = 0.0, infotext: str | Path | PIL.Image.Image | None = None):
+             s_min_uncond: float = 0.0, inpaint_options: inpaint.InpaintOptions | dict | None = None,
+             hires: hires.HiresOptions | dict | None = None,
+             infotext: str | Path | PIL.Image.Image | None = None):
     """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
     pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
@@ -634,7 +753,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     picks "webui" when `infotext` is given, when `sampler` is a webui name that is not a diffusers-family
     name, or when a webui-only argument is set. `eta=None` is the sampler's default (diffusers: 0; webui:
     1 for ancestral samplers). `infotext` (a string, a PNG path or a PIL image carrying one) fills every
-    argument the call leaves at its default; arguments given explicitly win.
+    argument the call leaves at its default; arguments given explicitly win. In the webui family
+    `mask_image` inpaints as the webui's img2img does, with `inpaint_options` (altdiff.inpaint.InpaintOptions
+    or a dict of the webui API's mask fields: blur, fill, "only masked", invert, resize mode), and `hires`
+    (altdiff.hires.HiresOptions or a dict of its hr_* fields) adds txt2img's hires-fix second pass.
 
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
     if infotext is not None:
@@ -646,27 +768,34 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
                                               callback_steps))
     cross_attention_kwargs = checks.cross_attention_kwargs(cross_attention_kwargs)
     family = _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
-                     s_min_uncond)
+                     s_min_uncond, inpaint_options, hires)
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                                num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
-                               callback_steps)
+                               callback_steps, family == "webui" and mask_image is not None)
     if family == "webui":
         webui = _check_webui(sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
                              s_min_uncond, generator, latents, prompt_embeds, negative_prompt_embeds,
-                             guidance_rescale, mask_image, callback_on_step_end_tensor_inputs)
+                             guidance_rescale, image, mask_image, inpaint_options, hires, output_type,
+                             callback_on_step_end_tensor_inputs)
         sampler = None
     elif seed is not None:
         generator = _generators_from_seed(seed)
     total = batch_size * num_images_per_prompt
     pipe = get_model(model)
-    init_image, shape = _check_for_model(pipe, image, height, width, latents, prompt_embeds,
-                                         negative_prompt_embeds, total, a1111_prompts or family == "webui")
+    webui_inpaint = family == "webui" and mask_image is not None  # the webui's mask handling sizes the image
+    init_image, shape = _check_for_model(pipe, None if webui_inpaint else image, height, width, latents,
+                                         prompt_embeds, negative_prompt_embeds, total,
+                                         a1111_prompts or family == "webui")
     if family == "webui":
         return _generate_webui(pipe, webui, prompt, negative_prompt, num_images_per_prompt, shape, init_image,
-                               strength, num_inference_steps, guidance_scale, eta, seed, clip_skip,
-                               cross_attention_kwargs, output_type, return_dict, callback_on_step_end, callback,
-                               callback_steps, progress, lora_dir, embeddings_dir)
+                               image, mask_image, height, width, strength, num_inference_steps, guidance_scale,
+                               eta, seed, clip_skip, cross_attention_kwargs, output_type, return_dict,
+                               callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir)
+    for name, value in (("inpaint_options", inpaint_options), ("hires", hires)):
+        if value is not None:
+            raise ValueError(f"{name}: the webui's inpainting options and hires fix are the webui family's; "
+                             "drop family='diffusers'")
     eta = eta or 0.0
     if mask_image is not None:
         if image is None:

@@ -24,7 +24,7 @@ LATENT_UPSCALE_MODES = {
 }
 # modules/upscaler.py's model-free upscalers; "None" is a plain LANCZOS resize in images.resize_image
 PIXEL_UPSCALERS = {"None": None, "Lanczos": PIL.Image.Resampling.LANCZOS, "Nearest": PIL.Image.Resampling.NEAREST}
-OPT_F = 8  # the VAE's downscale factor
+OPT_F = 8  # the webui's opt_f: the VAE's downscale factor of every SD model
 
 
 class HiresError(ValueError):
@@ -72,8 +72,9 @@ class HiresTarget:
     truncate_y: int = 0
 
 
-def target(width: int, height: int, options: HiresOptions) -> HiresTarget | None:
-    """calculate_target_resolution; None where the webui drops the second pass (the size does not change)."""
+def target(width: int, height: int, options: HiresOptions, factor: int = OPT_F) -> HiresTarget | None:
+    """calculate_target_resolution; None where the webui drops the second pass (the size does not change).
+    `factor`: the VAE's (tiny test models have 2)."""
     rx, ry = options.hr_resize_x, options.hr_resize_y
     truncate_x = truncate_y = 0
     if rx == 0 and ry == 0:
@@ -88,16 +89,16 @@ def target(width: int, height: int, options: HiresOptions) -> HiresTarget | None
             to_x, to_y = rx, rx * height // width
         else:
             to_x, to_y = ry * width // height, ry
-        truncate_x, truncate_y = (to_x - rx) // OPT_F, (to_y - ry) // OPT_F
+        truncate_x, truncate_y = (to_x - rx) // factor, (to_y - ry) // factor
     if (to_x, to_y) == (width, height):
         return None
     return HiresTarget(to_x, to_y, truncate_x, truncate_y)
 
 
-def upscale_latent(samples: torch.Tensor, size: HiresTarget, upscaler: str) -> torch.Tensor:
+def upscale_latent(samples: torch.Tensor, size: HiresTarget, upscaler: str, factor: int = OPT_F) -> torch.Tensor:
     """The latent upscalers: torch interpolate to the target's latent size."""
     mode, antialias = LATENT_UPSCALE_MODES[upscaler]
-    return F.interpolate(samples, size=(size.height // OPT_F, size.width // OPT_F), mode=mode,
+    return F.interpolate(samples, size=(size.height // factor, size.width // factor), mode=mode,
                          antialias=antialias)
 
 
@@ -167,3 +168,36 @@ def infotext_params(options: HiresOptions, *, sampler: str, scheduler: str | Non
         params["Hires steps"] = options.hr_second_pass_steps
     params["Hires upscaler"] = options.hr_upscaler
     return params
+
+
+# infotext key -> (HiresOptions field, type); "Hires resize" arrives split as parse() splits "WxH" values
+_FROM_INFOTEXT = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
+                  "Hires steps": ("hr_second_pass_steps", int), "Hires resize-1": ("hr_resize_x", int),
+                  "Hires resize-2": ("hr_resize_y", int), "Hires sampler": ("hr_sampler_name", str),
+                  "Hires schedule type": ("hr_scheduler", str), "Hires CFG Scale": ("hr_cfg", float),
+                  "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
+                  "Denoising strength": ("denoising_strength", float)}
+
+
+def from_infotext(params: dict[str, object]) -> HiresOptions:
+    """The HiresOptions an infotext's hires keys describe (what the webui's paste fills in)."""
+    fields = {}
+    for key, value in params.items():
+        name, kind = _FROM_INFOTEXT[key]
+        try:
+            fields[name] = kind(float(value)) if kind is int else kind(value)
+        except (TypeError, ValueError):
+            raise HiresError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    return HiresOptions(**fields)
+
+
+def options(value: "HiresOptions | dict | None") -> HiresOptions | None:
+    """generate()'s `hires`: HiresOptions, or a dict of the webui API's hr_* field names."""
+    if value is None or isinstance(value, HiresOptions):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"hires: expected HiresOptions or a dict of its fields, got {type(value).__name__}")
+    try:
+        return HiresOptions(**value)
+    except TypeError as e:
+        raise HiresError(f"hires: {e}") from None

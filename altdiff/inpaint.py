@@ -290,3 +290,22 @@ def infotext_params(options: InpaintOptions, only_masked: bool) -> dict[str, obj
     if content is not None:
         params["Masked content"] = content
     return params
+
+
+def options(value: "InpaintOptions | dict | None") -> InpaintOptions:
+    """generate()'s `inpaint_options`: InpaintOptions (None: the webui UI's defaults), or a dict of the webui
+    API's field names (`mask_blur` sets both axes, as the webui's setter does)."""
+    if value is None:
+        return InpaintOptions()
+    if isinstance(value, InpaintOptions):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"inpaint_options: expected InpaintOptions or a dict, got {type(value).__name__}")
+    fields = dict(value)
+    blur = fields.pop("mask_blur", None)
+    if blur is not None:
+        fields["mask_blur_x"] = fields["mask_blur_y"] = blur
+    try:
+        return InpaintOptions(**fields)
+    except TypeError as e:
+        raise InpaintError(f"inpaint_options: {e}") from None

@@ -134,21 +134,27 @@ def encoder(pipe, device, clip_skip: int | None) -> Callable[[list[str]], torch.
                                         joint_mean=True)
 
 
-def conds(pipe, prompt_list: list[str], negative_list: list[str], total_steps: int, clip_skip: int | None):
+def conds(pipe, prompt_list: list[str], negative_list: list[str], total_steps: int, clip_skip: int | None,
+          hires_steps: int | None = None):
     """(c, uc): the multicond schedules of the prompts and the schedules of the negative prompts, one per
-    image, as processing.setup_conds makes them."""
+    image, as processing.setup_conds makes them (calculate_hr_conds with `hires_steps`, the hires pass's
+    denoiser calls; `total_steps` then is the first pass's)."""
     encode = encoder(pipe, pipe.device, clip_skip)
-    uc = conditioning.get_learned_conditioning(encode, negative_list, total_steps)
-    c = conditioning.get_multicond_learned_conditioning(encode, prompt_list, total_steps)
+    uc = conditioning.get_learned_conditioning(encode, negative_list, total_steps, hires_steps)
+    c = conditioning.get_multicond_learned_conditioning(encode, prompt_list, total_steps, hires_steps)
     return c, uc
 
 
 def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, seeds: list[int], *, steps: int,
            cfg_scale: float, eta: float | None, s_min_uncond: float, init_latent: torch.Tensor | None = None,
-           strength: float | None = None, cross_attention_kwargs: dict | None = None,
+           strength: float | None = None, fix_steps: bool = False,
+           mask: tuple[torch.Tensor, torch.Tensor] | None = None, cross_attention_kwargs: dict | None = None,
            callback: Callable[[dict], None] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """KDiffusionSampler.sample (txt2img) or sample_img2img (with `init_latent` and `strength`): the final
-    latents. The first rng.next() is the starting noise; every later draw a sampler makes comes from it too."""
+    latents. The first rng.next() is the starting noise; every later draw a sampler makes comes from it too.
+    `fix_steps`: run exactly `steps` steps of a longer schedule (the hires pass). `mask` (mask, nmask):
+    inpainting, the init latent kept where mask is 1, during sampling and after it
+    (StableDiffusionProcessingImg2Img.sample)."""
     alphas_cumprod = ldm_alphas_cumprod(pipe.scheduler_config)
     model_sigmas = training_sigmas(alphas_cumprod)
     prediction_type = pipe.scheduler_config.prediction_type or "epsilon"
@@ -159,11 +165,28 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
     device = pipe.device
     noise = rng.next().to(device)
     if choice.timesteps:
-        return _sample_timesteps(choice, eps, c, uc, rng, noise, alphas_cumprod, steps=steps, cfg_scale=cfg_scale,
-                                 eta=eta, s_min_uncond=s_min_uncond, init_latent=init_latent, strength=strength,
-                                 callback=callback)
-    inner = compvis_denoiser(eps, alphas_cumprod.to(device), prediction_type)
-    denoiser = CFGDenoiser(inner, c, uc, cfg_scale, s_min_uncond)
+        denoiser = CFGDenoiser(eps, c, uc, cfg_scale, s_min_uncond)
+        denoiser.mask_before_denoising = True
+    else:
+        denoiser = CFGDenoiser(compvis_denoiser(eps, alphas_cumprod.to(device), prediction_type), c, uc,
+                               cfg_scale, s_min_uncond)
+    if mask is not None:
+        denoiser.init_latent, (denoiser.mask, denoiser.nmask) = init_latent, (m.to(device) for m in mask)
+    if choice.timesteps:
+        samples = _sample_timesteps(choice, denoiser, rng, noise, alphas_cumprod, steps=steps, eta=eta,
+                                    init_latent=init_latent, strength=strength, fix_steps=fix_steps,
+                                    callback=callback)
+    else:
+        samples = _sample_k(choice, denoiser, rng, noise, seeds, model_sigmas, steps=steps, eta=eta,
+                            init_latent=init_latent, strength=strength, fix_steps=fix_steps, callback=callback)
+    return samples if mask is None else denoiser.blend(samples)
+
+
+def _sample_k(choice: WebuiSampler, denoiser: CFGDenoiser, rng: ImageRNG, noise: torch.Tensor, seeds: list[int],
+              model_sigmas: torch.Tensor, *, steps: int, eta: float | None, init_latent: torch.Tensor | None,
+              strength: float | None, fix_steps: bool, callback) -> torch.Tensor:
+    """KDiffusionSampler.sample / sample_img2img: a k-diffusion sampler over the webui's sigmas."""
+    device = noise.device
     function = KDIFFUSION_SAMPLERS[choice.label].function
     discard = bool(choice.options.get("discard_next_to_last_sigma"))
     if init_latent is None:
@@ -173,11 +196,10 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
         run_sigmas = sigmas
         kwargs = webui_sampler_kwargs(choice.label, sigmas, model_sigmas, steps, eta=eta)
     else:
-        # setup_img2img_steps with img2img_fix_steps off: t_enc of the full schedule's steps run.
-        t_enc = int(min(strength, 0.999) * steps)
-        sigmas = webui_sigmas(choice.schedule_type, steps, model_sigmas, discard,
+        schedule_steps, t_enc = setup_img2img_steps(steps, strength, fix_steps)
+        sigmas = webui_sigmas(choice.schedule_type, schedule_steps, model_sigmas, discard,
                               choice.options.get("scheduler"))
-        run_sigmas = sigmas[steps - t_enc - 1:]
+        run_sigmas = sigmas[schedule_steps - t_enc - 1:]
         x = init_latent + noise * run_sigmas[0].to(device)
         kwargs = webui_sampler_kwargs(choice.label, run_sigmas, model_sigmas, steps, img2img=True, eta=eta)
     if "sigmas" in kwargs:
@@ -192,18 +214,17 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
     return function(denoiser, x, extra_args={}, callback=callback, disable=True, **kwargs)
 
 
-def _sample_timesteps(choice: WebuiSampler, eps, c, uc, rng: ImageRNG, noise: torch.Tensor,
-                      alphas_cumprod: torch.Tensor, *, steps: int, cfg_scale: float, eta: float | None,
-                      s_min_uncond: float, init_latent: torch.Tensor | None, strength: float | None,
+def _sample_timesteps(choice: WebuiSampler, denoiser: CFGDenoiser, rng: ImageRNG, noise: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, *, steps: int, eta: float | None,
+                      init_latent: torch.Tensor | None, strength: float | None, fix_steps: bool,
                       callback) -> torch.Tensor:
     """The webui's CompVisSampler.sample / sample_img2img: the CFG denoiser over the UNet's eps at integer
     timesteps; txt2img starts from the noise itself, img2img from init * sqrt(a) + noise * sqrt(1 - a)."""
-    denoiser = CFGDenoiser(eps, c, uc, cfg_scale, s_min_uncond)
     discard = bool(choice.options.get("discard_next_to_last_sigma"))
     if init_latent is None:
         timesteps, x = get_timesteps(steps, discard), noise
     else:
-        schedule_steps, t_enc = setup_img2img_steps(steps, strength)
+        schedule_steps, t_enc = setup_img2img_steps(steps, strength, fix_steps)
         timesteps, sqrt_a, sqrt_one_minus_a = img2img_timesteps(get_timesteps(schedule_steps, discard), t_enc,
                                                                 alphas_cumprod)
         x = init_latent * sqrt_a + noise * sqrt_one_minus_a
