@@ -537,9 +537,6 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
     """The webui family's stages (altdiff.webui_sampling): encode the prompt schedules, draw the webui's noise,
     sample with its CFG denoiser (an inpainting mask blended in; the hires fix's second pass after it), decode
     with its truncating conversion (and paste the inpainting overlay); the infotext of each image."""
-    if clip_skip is not None:
-        raise ValueError("clip_skip: the webui ignores CLIP skip for XLM-R models, so its family does too; use "
-                         "family='diffusers' for altdiff's clip_skip")
     # The webui's default "Enable comments": `#` to the end of a line is dropped first (infotext included).
     texts = [prompts.strip_comments(t) for t in ([prompt] if isinstance(prompt, str) else prompt)]
     negatives = [prompts.strip_comments(t) for t in (
@@ -641,7 +638,7 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
         images = [inpaint.apply_overlay(img, prepared.overlay, prepared.paste_to) for img in images]
     texts_out = _webui_infotexts(pipe, webui, networks, all_prompts, all_negatives, seeds, subseeds, steps,
                                  guidance_scale, eta, width, height,
-                                 strength if init_image is not None else None, prepared)
+                                 strength if init_image is not None else None, prepared, clip_skip)
     if not return_dict:
         return images, nsfw
     return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext,
@@ -688,8 +685,10 @@ def _hires_pass(pipe: Pipeline, samples: torch.Tensor, target: hires.HiresTarget
 
 
 def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_negatives, seeds, subseeds,
-                     steps, guidance_scale, eta, width, height, strength, prepared) -> list[str]:
-    """processing.create_infotext for each image, with the keys the run added (Eta, mask, hires)."""
+                     steps, guidance_scale, eta, width, height, strength, prepared, clip_skip) -> list[str]:
+    """processing.create_infotext for each image, with the keys the run added (Eta, mask, hires). The webui
+    records its CLIP skip setting ("Clip skip": layers stopped at, clip_skip + 1) though its XLM-R encoder
+    does not apply it."""
     choice, hr = webui.sampler, webui.hires
     source = Path(pipe.source) if pipe.source else None
     model_hash = infotext_io.model_hash(source) if source is not None and source.is_file() else None
@@ -711,7 +710,7 @@ def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_n
         cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height, model_hash=model_hash,
         model=source.stem if source is not None and source.is_file() else (source.name if source else None),
         variation_seed=subseeds[i] if webui.subseed_strength else None,
-        variation_seed_strength=webui.subseed_strength, denoising_strength=strength,
+        variation_seed_strength=webui.subseed_strength, denoising_strength=strength, clip_skip=(clip_skip or 0) + 1,
         ensd=webui.ensd if choice.uses_ensd(eta) else 0, rng=webui.source, extra=extra)
         for i, (p, neg) in enumerate(zip(all_prompts, all_negatives))]
 
@@ -756,7 +755,9 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     argument the call leaves at its default; arguments given explicitly win. In the webui family
     `mask_image` inpaints as the webui's img2img does, with `inpaint_options` (altdiff.inpaint.InpaintOptions
     or a dict of the webui API's mask fields: blur, fill, "only masked", invert, resize mode), and `hires`
-    (altdiff.hires.HiresOptions or a dict of its hr_* fields) adds txt2img's hires-fix second pass.
+    (altdiff.hires.HiresOptions or a dict of its hr_* fields) adds txt2img's hires-fix second pass. Its
+    `clip_skip` is recorded in the infotext ("Clip skip: clip_skip + 1") but not applied: the webui's XLM-R
+    encoder has no CLIP skip.
 
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
     if infotext is not None:

@@ -312,9 +312,8 @@ def text_of(source: str | os.PathLike | PIL.Image.Image) -> str:
 
 # --- to generate() ------------------------------------------------------------------------------------------
 
-# Keys that change no pixels (or, for Clip skip, none in the webui: its XLM-R encoder has no CLIP skip, so the
-# setting is ignored there and here).
-_NEUTRAL = {"Version", "Model", "TI hashes", "Init image hash", "NSFW", "User", "Clip skip"}
+# Keys that change no pixels.
+_NEUTRAL = {"Version", "Model", "TI hashes", "Init image hash", "NSFW", "User"}
 # Keys parse() always fills: accepted at the webui's default, which is what an infotext without them means.
 _AT_DEFAULT = {**{k: str(v) for k, v in {**_DEFAULTS, **_LATE_DEFAULTS}.items()}, "Emphasis": "Original",
                "Token merging ratio": "0", "Token merging ratio hr": "0",
@@ -399,6 +398,9 @@ def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any]
             kwargs["subseed"] = _number(params, key, int)
         elif key == "Variation seed strength":
             kwargs["subseed_strength"] = _number(params, key)
+        elif key == "Clip skip":
+            # the webui's XLM-R encoder has no CLIP skip: the webui family records it without applying it
+            kwargs["clip_skip"] = _number(params, key, int) - 1
         elif key == "NGMS":
             kwargs["s_min_uncond"] = _number(params, key)
         elif key == "Denoising strength":

@@ -22,34 +22,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import PIL.Image
-import torch
 
-from . import __version__, webui_sampling
+from . import __version__, inpaint, webui_sampling
 from .checks import SEED_MAX, is_int, is_number
+from .hires import HiresOptions
+from .hires import target as hires_target
 from .images import to_rgb
-from .infotext import image_infotext, parse
+from .infotext import parse
+from .inpaint import InpaintOptions
 from .k_samplers import KDIFFUSION_SAMPLERS
 from .k_schedules import SCHEDULE_TYPES, find_schedule_type
-from .rng import randn_tensor, slerp
+from .timestep_samplers import TIMESTEP_SAMPLERS
 
-# The webui's timestep samplers altdiff runs in its diffusers family until they exist in the webui family
-# (the k-diffusion samplers, altdiff.k_samplers, are the webui's own): name -> (aliases, options, altdiff name).
-TIMESTEP_SAMPLERS = {
-    "DDIM": (["ddim"], {}, "ddim"),
-    "PLMS": (["plms"], {}, "pndm"),
-}
 DEFAULT_SAMPLER = "Euler"  # the webui API's sampler_index default
 
 # Fields whose value asks for a feature altdiff lacks unless it is one of these (the webui's defaults and
 # what its clients send by default). Fields the webui itself ignores in a request (hires settings while
 # enable_hr is off, mask settings without a mask, image_cfg_scale outside edit models) are accepted.
 INERT = {
-    "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
+    "restore_faces": (False, None), "tiling": (False, None), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
     "firstphase_width": (0, None), "firstphase_height": (0, None),
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
     "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""), "infotext": (None, ""),
-    "mask": (None, ""), "latent_mask": (None, ""), "initial_noise_multiplier": (None, 1), "resize_mode": (0,),
+    "latent_mask": (None, ""), "initial_noise_multiplier": (None, 1),
     "disable_extra_networks": (False, None),
 }
 OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
@@ -99,8 +95,11 @@ class Task:
     eta: float | None  # generate()'s eta (None: the sampler's webui default)
     clip_skip: int  # the webui's CLIP_stop_at_last_layers
     model: str | None  # override_settings' sd_model_checkpoint; None: the server's current model
-    init_image: PIL.Image.Image | None = None
+    init_image: PIL.Image.Image | None = None  # resized to width x height, unless there is a mask
     denoising_strength: float | None = None
+    mask: PIL.Image.Image | None = None
+    inpaint: InpaintOptions | None = None  # with a mask
+    hires: HiresOptions | None = None
     s_min_uncond: float = 0.0
     lora_dir: str | None = None  # where the prompt's <lora:NAME:w> tags are found
     embeddings_dir: str | None = None  # embeddings a prompt names by file stem
@@ -119,32 +118,27 @@ class Task:
 def resolve_sampler(sampler_name: str | None, scheduler: str | None,
                     field: str = "sampler_name") -> tuple[str, str, str]:
     """(generate()'s sampler, the webui's sampler name, the schedule type label) as the webui's
-    get_sampler_and_scheduler reads them ("DPM++ 2M Karras" is DPM++ 2M with Karras). The k-diffusion
-    samplers run in the webui family; DDIM and PLMS in the diffusers family, Automatic/Uniform only."""
+    get_sampler_and_scheduler reads them ("DPM++ 2M Karras" is DPM++ 2M with Karras); every one runs in
+    generate()'s webui family, under its webui label."""
     name = sampler_name or DEFAULT_SAMPLER
     if scheduler:
         try:
             find_schedule_type(scheduler)
         except ValueError as e:
             raise FieldError("scheduler", str(e).partition(": ")[2]) from None
-    found = next((n for n, (aliases, _, _) in TIMESTEP_SAMPLERS.items() if name == n or name in aliases), None)
-    if found is None:
-        try:
-            choice = webui_sampling.resolve(name, scheduler)
-        except ValueError:
-            raise FieldError(field, f"unknown sampler {name!r}; expected one of "
-                             f"{[*KDIFFUSION_SAMPLERS, *TIMESTEP_SAMPLERS]}") from None
-        return choice.label, choice.label, choice.schedule_type
-    label = find_schedule_type(scheduler).label if scheduler else "Automatic"
-    if label not in ("Automatic", "Uniform"):
-        raise FieldError("scheduler", f"{found} runs with the Automatic (Uniform) schedule only here, got {label}")
-    return TIMESTEP_SAMPLERS[found][2], found, label
+    try:
+        choice = webui_sampling.resolve(name, scheduler)
+    except ValueError:
+        raise FieldError(field, f"unknown sampler {name!r}; expected one of "
+                         f"{[*KDIFFUSION_SAMPLERS, *webui_sampling.WEBUI_TIMESTEP_SAMPLERS]}") from None
+    return choice.label, choice.label, choice.schedule_type
 
 
 def samplers_list() -> list[dict]:
     """GET /sdapi/v1/samplers, in the webui's order."""
     rows = [(label, list(row.aliases), row.options) for label, row in KDIFFUSION_SAMPLERS.items()]
-    rows += [(n, aliases, options) for n, (aliases, options, _) in TIMESTEP_SAMPLERS.items()]
+    rows += [(label, list(TIMESTEP_SAMPLERS[label].aliases), TIMESTEP_SAMPLERS[label].options)
+             for label in webui_sampling.WEBUI_TIMESTEP_SAMPLERS]
     return [{"name": n, "aliases": aliases, "options": options} for n, aliases, options in rows]
 
 
@@ -272,17 +266,14 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     eta = _check_number(request, "eta", 0.0, 1.0, None)  # the webui accepts any eta with any sampler
     s_min_uncond = _check_number(request, "s_min_uncond", 0.0, 1e4, 0.0)
 
-    init_image = strength = None
+    init_image = strength = mask = inpaint_options = hires_options = None
     if img2img:
-        images = request.get("init_images")
-        if not isinstance(images, list) or len(images) != 1:
-            raise FieldError("init_images", "expected a list of one base64 image")
-        # The webui flattens alpha onto white and resizes to width x height ("Just resize", Lanczos).
-        init_image = to_rgb(decode_image(images[0], "init_images.0", limits.max_upload_pixels)).resize(
-            (width, height), resample=PIL.Image.LANCZOS)
+        init_image, mask, inpaint_options = _img2img_images(request, width, height, limits)
         strength = _check_number(request, "denoising_strength", 0.0, 1.0, 0.75)
         if int(steps * strength) < 1:
             raise FieldError("denoising_strength", f"{strength} of {steps} steps runs no step; raise either")
+    elif request.get("enable_hr"):
+        hires_options = _hires(request, width, height, limits)
 
     total = batch_size * n_iter
     seed, subseed = fixed_seed(seed), fixed_seed(subseed)
@@ -292,56 +283,93 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
                 negative_prompt=request.get("negative_prompt") or "", seeds=seeds,
                 subseeds=[subseed + i for i in range(total)], subseed_strength=subseed_strength,
                 batch_size=batch_size, n_iter=n_iter, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
-                sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=eta if sampler in KDIFFUSION_SAMPLERS else (eta or 0.0) if sampler == "ddim" else 0.0,
+                sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=eta,
                 s_min_uncond=s_min_uncond,
                 clip_skip=int(clip_skip), model=model, init_image=init_image, denoising_strength=strength,
-                lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+                mask=mask, inpaint=inpaint_options, hires=hires_options, lora_dir=lora_dir,
+                embeddings_dir=embeddings_dir)
+
+
+def _img2img_images(request: dict, width: int, height: int, limits: Limits):
+    """(init image, mask, InpaintOptions) of an img2img request. Without a mask the init image is flattened
+    onto white and resized to width x height by resize_mode (0-2) as images.resize_image does; with one the
+    webui's inpainting (altdiff.inpaint) sizes both."""
+    images = request.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise FieldError("init_images", "expected a list of one base64 image")
+    image = decode_image(images[0], "init_images.0", limits.max_upload_pixels)
+    resize_mode = _check_int(request, "resize_mode", 0, 3, 0)
+    if not request.get("mask"):
+        if resize_mode == 3:
+            raise FieldError("resize_mode", "3 (latent resize) is supported with a mask only")
+        return inpaint.resize_image(resize_mode, to_rgb(image), width, height), None, None
+    mask = decode_image(request["mask"], "mask", limits.max_upload_pixels)
+    fields = {name: _check_int(request, name, 0, 256, default) for name, default in
+              (("mask_blur_x", 4), ("mask_blur_y", 4), ("inpaint_full_res_padding", 0))}
+    if request.get("mask_blur") is not None:  # the webui's setter: both axes
+        fields["mask_blur_x"] = fields["mask_blur_y"] = _check_int(request, "mask_blur", 0, 256, 4)
+    try:
+        options = InpaintOptions(**fields, inpainting_fill=_check_int(request, "inpainting_fill", 0, 3, 0),
+                                 inpaint_full_res=bool(request.get("inpaint_full_res", True)),
+                                 inpainting_mask_invert=bool(_check_int(request, "inpainting_mask_invert", 0, 1, 0)),
+                                 mask_round=bool(request.get("mask_round", True)), resize_mode=resize_mode)
+    except ValueError as e:
+        raise FieldError(str(e).split(" ")[0], str(e)) from None
+    return image, mask, options
+
+
+def _hires(request: dict, width: int, height: int, limits: Limits) -> HiresOptions:
+    """The hires fix of a txt2img request (enable_hr), its second pass within the server's limits."""
+    for name in ("hr_upscaler", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
+        if not isinstance(request.get(name) or "", str):
+            raise FieldError(name, f"expected a string, got {type(request[name]).__name__}")
+    sampler = request.get("hr_sampler_name")
+    scheduler = request.get("hr_scheduler")
+    if sampler and sampler != "Use same sampler":
+        resolve_sampler(sampler, None, "hr_sampler_name")
+    if scheduler and scheduler != "Use same scheduler":
+        resolve_sampler(None, scheduler, "hr_scheduler")
+    try:
+        options = HiresOptions(
+            hr_scale=_check_number(request, "hr_scale", 0.0, 16.0, 2.0),
+            # the webui's latent_upscale_default_mode when none is named
+            hr_upscaler=request.get("hr_upscaler") or "Latent",
+            hr_second_pass_steps=_check_int(request, "hr_second_pass_steps", 0, limits.max_steps, 0),
+            hr_resize_x=_check_int(request, "hr_resize_x", 0, 2**16, 0),
+            hr_resize_y=_check_int(request, "hr_resize_y", 0, 2**16, 0),
+            denoising_strength=_check_number(request, "denoising_strength", 0.0, 1.0, 0.75),
+            hr_sampler_name=sampler if sampler and sampler != "Use same sampler" else None,
+            hr_scheduler=scheduler if scheduler and scheduler != "Use same scheduler" else None,
+            hr_prompt=request.get("hr_prompt") or None, hr_negative_prompt=request.get("hr_negative_prompt") or None)
+    except ValueError as e:
+        raise FieldError(str(e).split(" ")[0], str(e)) from None
+    size = hires_target(width, height, options)
+    if size is not None and size.width * size.height > limits.max_pixels:
+        raise FieldError("hr_scale", f"the second pass's {size.width}x{size.height} is more than the server's "
+                         f"limit of {limits.max_pixels} pixels per image")
+    return options
 
 
 # --- generation ----------------------------------------------------------------------------------------------
 
-def variation_latents(shape: tuple[int, ...], seeds: list[int], subseeds: list[int], strength: float) -> torch.Tensor:
-    """Initial noise of a batch with variation seeds, as the webui's ImageRNG.first: per image, the seed's and
-    the subseed's noise (drawn as generate() draws them: one CPU generator per image) slerped by `strength`."""
-    one = (1, *shape[1:])
-    return torch.cat([slerp(strength, randn_tensor(one, torch.Generator().manual_seed(s))[0],
-                            randn_tensor(one, torch.Generator().manual_seed(v))[0])[None]
-                      for s, v in zip(seeds, subseeds)])
-
-
-def clip_skip_for(pipe, layers: int) -> int | None:
-    """generate()'s clip_skip for the webui's CLIP_stop_at_last_layers: skip layers - 1 more XLM-R layers
-    than the model's own default state (m9 the last, m18 the second to last). The webui itself ignores the
-    setting for XLM-R models."""
-    if layers == 1:
-        return None
-    return layers - 1 + (1 if pipe.text_encoder.config.has_pre_transformation else 0)
-
-
 def generate_kwargs(task: Task, pipe, b: int) -> dict[str, Any]:
-    """The generate() keyword arguments that make batch `b` of `task` on `pipe`: the webui family for the
-    k-diffusion samplers (its noise, seeds, subseeds and infotext; the webui ignores CLIP skip for XLM-R),
-    the diffusers family for DDIM and PLMS."""
+    """The generate() keyword arguments that make batch `b` of `task` on `pipe`, in the webui family (its
+    noise, seeds, subseeds, prompt schedules and infotext; CLIP skip recorded, not applied, as the webui does
+    for XLM-R)."""
     part = slice(b * task.batch_size, (b + 1) * task.batch_size)
     kwargs = dict(prompt=task.prompt, model=pipe, negative_prompt=task.negative_prompt,
                   num_inference_steps=task.steps, guidance_scale=task.cfg_scale, sampler=task.sampler,
                   num_images_per_prompt=task.batch_size, eta=task.eta, lora_dir=task.lora_dir,
-                  embeddings_dir=task.embeddings_dir, progress=False, seed=task.seeds[part])
+                  embeddings_dir=task.embeddings_dir, progress=False, seed=task.seeds[part], family="webui",
+                  scheduler=task.scheduler, subseed=task.subseeds[part][0], subseed_strength=task.subseed_strength,
+                  s_min_uncond=task.s_min_uncond, clip_skip=task.clip_skip - 1 or None)
     if task.init_image is not None:
         kwargs.update(image=task.init_image, strength=task.denoising_strength)
     else:
-        kwargs.update(height=task.height, width=task.width)
-    if task.sampler in KDIFFUSION_SAMPLERS or task.sampler in webui_sampling.WEBUI_TIMESTEP_SAMPLERS:
-        return dict(kwargs, family="webui", scheduler=task.scheduler, subseed=task.subseeds[part][0],
-                    subseed_strength=task.subseed_strength, s_min_uncond=task.s_min_uncond)
-    kwargs.update(a1111_prompts=True, clip_skip=clip_skip_for(pipe, task.clip_skip))
-    if task.subseed_strength == 0 or task.init_image is not None:
-        return kwargs
-    factor, channels = pipe.vae_scale_factor, pipe.unet.config.in_channels
-    shape = (task.batch_size, channels, task.height // factor, task.width // factor)
-    del kwargs["seed"]
-    return dict(kwargs, latents=variation_latents(shape, task.seeds[part], task.subseeds[part],
-                                                  task.subseed_strength))
+        kwargs.update(height=task.height, width=task.width, hires=task.hires)
+    if task.mask is not None:
+        kwargs.update(mask_image=task.mask, inpaint_options=task.inpaint, height=task.height, width=task.width)
+    return kwargs
 
 
 def image_grid(images: list[PIL.Image.Image], batch_size: int = 1) -> PIL.Image.Image:
@@ -363,25 +391,11 @@ class Result:
     index_of_first_image: int = 0
 
 
-def infotext(task: Task, image: PIL.Image.Image, i: int, model: str, nsfw: bool = False,
-             networks: dict[str, str] | None = None) -> str:
-    """Image i's infotext: the CLI's, with the webui's fields for variation seeds, a schedule type, clip skip
-    and the networks the prompt named (GenerationResult.infotext's "Lora hashes", "TI hashes")."""
-    extra = {"Variation seed": task.subseeds[i] if task.subseed_strength else None,
-             "Variation seed strength": task.subseed_strength or None,
-             "Schedule type": None if task.scheduler == "Automatic" else task.scheduler,
-             "Clip skip": task.clip_skip if task.clip_skip > 1 else None, **(networks or {})}
-    return image_infotext(image, task.prompt, task.negative_prompt, steps=task.steps, sampler=task.sampler,
-                          cfg_scale=task.cfg_scale, seed=task.seeds[i], model=model,
-                          strength=task.denoising_strength, nsfw=nsfw, extra=extra)
-
-
 def finish(task: Task, images: list[PIL.Image.Image], nsfw: list[bool], model: str,
-           networks: dict[str, str] | None = None, infotexts: list[str] | None = None) -> Result:
-    """Infotexts, the grid and the `info` JSON for the images made (fewer than planned when interrupted).
-    `infotexts`: the webui family's own, one per image (GenerationResult.infotexts)."""
-    texts = infotexts or [infotext(task, img, i, model, flag, networks)
-                          for i, (img, flag) in enumerate(zip(images, nsfw))]
+           infotexts: list[str]) -> Result:
+    """The grid and the `info` JSON for the images made (fewer than planned when interrupted), with their
+    infotexts (GenerationResult.infotexts, one per image)."""
+    texts = list(infotexts)
     first = 0
     if task.grid and len(images) > 1:
         images = [image_grid(images, task.batch_size), *images]

@@ -48,7 +48,8 @@ def test_write_parse_round_trip_and_generate_kwargs():
     assert kwargs == {"family": "webui", "prompt": "a cat\nin a hat", "negative_prompt": "blurry, lowres",
                       "num_inference_steps": 20, "sampler": "DPM++ 2M", "scheduler": "Karras",
                       "guidance_scale": 7.0, "seed": 1234, "width": 512, "height": 768, "subseed": 5,
-                      "subseed_strength": 0.3, "eta_noise_seed_delta": 31337, "rng": "NV", "eta": 0.5}
+                      "subseed_strength": 0.3, "clip_skip": 1, "eta_noise_seed_delta": 31337, "rng": "NV",
+                      "eta": 0.5}
     other = to_generate_kwargs(*parse(write("a cat", "", **{**FULL, "seed": 99, "rng": "CPU"})))
     assert other["seed"] == 99 and other["rng"] == "CPU"
     assert "rng" not in to_generate_kwargs(*parse(write("a", "", **{**FULL, "rng": "GPU"})))
@@ -152,7 +153,9 @@ def test_pixel_neutral_keys_are_read_and_model_hash_checked():
     text = ("p\nSteps: 20, Sampler: Euler, Seed: 1, Model hash: abcdef0123, Model: m9, TI hashes: \"x: 12\", "
             "Clip skip: 2, Emphasis: Original, Token merging ratio: 0, Version: v1.10.1")
     kwargs = to_generate_kwargs(*parse(text), model_hash="abcdef0123")
-    assert set(kwargs) == {"family", "prompt", "negative_prompt", "num_inference_steps", "sampler", "seed"}
+    # Clip skip is carried so that the remade infotext records it; the webui family does not apply it (XLM-R)
+    assert set(kwargs) == {"family", "prompt", "negative_prompt", "num_inference_steps", "sampler", "seed",
+                           "clip_skip"} and kwargs["clip_skip"] == 1
     with pytest.raises(InfotextError, match="^Model hash: "):
         to_generate_kwargs(*parse(text), model_hash="0000000000")
 

@@ -275,10 +275,10 @@ def test_send_to_img2img_paints_a_mask_and_sends_it(server, browser):
     init = decode(body["init_images"][0].partition(",")[2])
     assert mask.size == init.size == (32, 32)
     assert mask.getpixel((16, 16)) == 255 and mask.getpixel((0, 0)) == 0
-    # Until the server inpaints, its refusal is shown next to the mask.
-    if by_id(browser, "error").is_displayed():
-        assert "mask" in by_id(browser, "error").text
-        assert by_id(browser, "mask-error").is_displayed()
+    # The server inpaints: a new image, the picture kept where the mask is black, and no error.
+    assert not by_id(browser, "error").is_displayed()
+    result = decode(browser.find_element("css selector", "#gallery img").get_attribute("src").partition(",")[2])
+    assert result.size == (32, 32) and result.getpixel((0, 0)) == init.convert("RGB").getpixel((0, 0))
 
     by_id(browser, "mask_invert").click()
     generate(browser)
@@ -303,8 +303,10 @@ def test_hires_fix_sends_the_webuis_fields(server, browser):
                                  "denoising_strength")} == {"enable_hr": True, "hr_scale": 1.5,
                                                             "hr_second_pass_steps": 1, "hr_upscaler": "Latent",
                                                             "denoising_strength": 0.5}
-    if by_id(browser, "error").is_displayed():  # until the server has hires fix: its message, at the field
-        assert by_id(browser, "enable_hr").get_attribute("aria-invalid") == "true"
+    # The server runs the hires fix: the newest image is the second pass's 1.5 times the size.
+    assert not by_id(browser, "error").is_displayed()
+    result = decode(browser.find_element("css selector", "#gallery img").get_attribute("src").partition(",")[2])
+    assert result.size == (48, 48)
     by_id(browser, "enable_hr").click()
     generate(browser)
     assert "enable_hr" not in last_sent(browser, "txt2img") and not by_id(browser, "error").is_displayed()

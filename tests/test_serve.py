@@ -26,7 +26,7 @@ from serving import Server, decode, free_port, pixels
 from test_prompt_networks import kohya_lora
 
 import altdiff
-from altdiff import cli
+from altdiff import cli, hires, inpaint
 from altdiff.infotext import parse_infotext
 from altdiff.serve import ServeConfig, run_ray
 
@@ -135,6 +135,44 @@ def test_img2img_equals_generate_on_the_resized_flattened_image(api, pipe):
     assert r.parameters["init_images"] is None  # include_init_images is false
 
 
+def test_inpainting_and_resize_modes_equal_generate(api, pipe):
+    """A mask (webuiapi's mask_image) inpaints as generate(mask_image=..., inpaint_options=...) in the webui
+    family, with the webui API's mask defaults (fill 0, "only masked" with padding 0); resize modes 1-2 size
+    the init image as images.resize_image does."""
+    init, mask = random_image(48, 40), PIL.Image.new("L", (48, 40))
+    mask.paste(255, (10, 10, 30, 26))
+    r = api.img2img(images=[init], mask_image=mask, prompt=PROMPT, seed=5, steps=4, denoising_strength=0.8,
+                    width=32, height=32, sampler_name="Euler a", mask_blur=2, inpainting_fill=1)
+    options = inpaint.InpaintOptions(mask_blur_x=2, mask_blur_y=2, inpainting_fill=1, inpaint_full_res=True,
+                                     inpaint_full_res_padding=0)
+    expected = make(pipe, image=init, mask_image=mask, inpaint_options=options, width=32, height=32,
+                    strength=0.8, num_inference_steps=4, sampler="Euler a", seed=[5], negative_prompt="")
+    assert r.images[0].size == (48, 40) and np.array_equal(pixels(r.images[0]), pixels(expected[0]))
+    keep = np.asarray(inpaint.blur_mask(mask, 2, 2)) == 0
+    assert np.array_equal(pixels(r.images[0])[keep], pixels(init)[keep])  # the overlay keeps the picture
+    assert level_diff(r.images[0], init) > 10
+    params = parse_infotext(r.images[0].info["parameters"])[2]
+    assert params["Mask blur"] == "2" and params["Inpaint area"] == "Only masked"
+    cropped = api.img2img(images=[init], prompt=PROMPT, seed=5, steps=4, denoising_strength=0.6, width=32,
+                          height=32, sampler_name="Euler a", resize_mode=1)
+    expected = make(pipe, image=inpaint.resize_image(1, init, 32, 32), strength=0.6, num_inference_steps=4,
+                    sampler="Euler a", seed=[5], negative_prompt="")
+    assert np.array_equal(pixels(cropped.images[0]), pixels(expected[0]))
+
+
+def test_hires_fix_equals_generate(api, pipe):
+    r = api.txt2img(prompt=PROMPT, seed=4, steps=3, width=32, height=32, sampler_name="Euler", enable_hr=True,
+                    hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2, denoising_strength=0.5)
+    options = hires.HiresOptions(hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2,
+                                 denoising_strength=0.5)
+    expected = make(pipe, num_inference_steps=3, width=32, height=32, sampler="Euler", seed=[4], hires=options,
+                    negative_prompt="")
+    assert r.images[0].size == (48, 48) and np.array_equal(pixels(r.images[0]), pixels(expected[0]))
+    params = parse_infotext(r.images[0].info["parameters"])[2]
+    assert params["Size"] == "32x32" and params["Hires upscale"] == "1.5" and params["Hires steps"] == "2"
+    assert params["Denoising strength"] == "0.5" and params["Hires upscaler"] == "Latent (bicubic)"
+
+
 def test_variation_seeds_as_the_webui(api, pipe):
     """Variation seeds run in the webui family: generate(seed, subseed, subseed_strength) (its ImageRNG
     slerps each image's seed noise toward its subseed's, tests/test_rng.py)."""
@@ -229,11 +267,14 @@ def test_override_settings_and_options(api, pipe):
     kwargs = dict(prompt=PROMPT, seed=6, steps=2, width=32, height=32, sampler_name="DDIM", eta=0.0)
     default = api.txt2img(**kwargs).image
     skipped = api.txt2img(override_settings={"CLIP_stop_at_last_layers": 2}, **kwargs)
-    # Clip skip 2 skips one XLM-R layer: generate()'s clip_skip=1 on m9.
-    expected = make(pipe, num_inference_steps=2, width=32, height=32, sampler="ddim", seed=[6], clip_skip=1,
+    # The webui's DDIM (its timesteps, the webui family); its XLM-R encoder has no CLIP skip, so the setting
+    # changes no pixel and is recorded in the infotext, as the webui does.
+    expected = make(pipe, num_inference_steps=2, width=32, height=32, sampler="DDIM", seed=[6], eta=0.0,
                     negative_prompt="")[0]
-    assert np.array_equal(pixels(skipped.image), pixels(expected)) and level_diff(default, expected) > 0
+    assert np.array_equal(pixels(default), pixels(expected))
+    assert np.array_equal(pixels(skipped.image), pixels(expected))
     assert parse_infotext(skipped.image.info["parameters"])[2]["Clip skip"] == "2"
+    assert "Clip skip" not in default.info["parameters"] and "Sampler: DDIM," in default.info["parameters"]
     assert api.get_options()["CLIP_stop_at_last_layers"] == 1  # restored afterwards
     other = api.txt2img(override_settings={"sd_model_checkpoint": "m9-copy"}, **kwargs)  # the same weights
     assert other.info["sd_model_name"] == "m9-copy" and np.array_equal(pixels(other.image), pixels(default))
@@ -244,10 +285,11 @@ def test_override_settings_and_options(api, pipe):
     kept = api.txt2img(override_settings={"sd_model_checkpoint": "m9"}, override_settings_restore_afterwards=False,
                        **kwargs)
     assert kept.info["sd_model_name"] == "m9" and api.util_get_current_model() == "m9"
-    # DDIM with the webui client's default eta (1.0) is generate()'s eta=1.
+    # DDIM with the webui client's default eta (1.0) is the webui's "Eta DDIM" 1: noise from the image's seed.
     noisy = api.txt2img(**{**kwargs, "eta": 1.0}).image
     assert np.array_equal(pixels(noisy), pixels(make(pipe, num_inference_steps=2, width=32, height=32,
-                                                     sampler="ddim", seed=[6], eta=1.0, negative_prompt="")[0]))
+                                                     sampler="DDIM", seed=[6], eta=1.0, negative_prompt="")[0]))
+    assert level_diff(noisy, default) > 0 and "Eta DDIM: 1.0" in noisy.info["parameters"]
 
 
 # --- bad requests: 4xx JSON naming the field; the server keeps serving, nothing half-written ----------------
@@ -275,17 +317,16 @@ BAD = [
     ("txt2img", {"subseed_strength": 1.5}, "subseed_strength"),
     ("txt2img", {"sampler_name": "No such sampler"}, "sampler_name"),
     ("txt2img", {"sampler_name": None, "sampler_index": "nope"}, "sampler_index"),
-    ("txt2img", {"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
     ("txt2img", {"scheduler": "No such schedule"}, "scheduler"),
     ("txt2img", {"eta": 1.5}, "eta"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
     ("txt2img", {"override_settings": {"sd_vae": "x.pt"}}, "sd_vae"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, "CLIP_stop_at_last_layers"),
-    # DDIM (diffusers family) applies CLIP skip; the tiny XLM-R has 3 layers, so generate() refuses clip_skip
-    # and the 422 names the request field. (The webui family ignores CLIP skip for XLM-R, as the webui does.)
-    ("txt2img", {"sampler_name": "DDIM", "override_settings": {"CLIP_stop_at_last_layers": 12}},
-     '"override_settings","CLIP_stop_at_last_layers"'),
-    ("txt2img", {"enable_hr": True}, "enable_hr"), ("txt2img", {"restore_faces": True}, "restore_faces"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ("txt2img", {"enable_hr": True, "hr_scale": 64}, "hr_scale"),
+    ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name"),
+    ("txt2img", {"enable_hr": True, "hr_sampler_name": "nope"}, "hr_sampler_name"),
+    ("txt2img", {"restore_faces": True}, "restore_faces"),
     ("txt2img", {"tiling": True}, "tiling"), ("txt2img", {"styles": "cinematic"}, "styles"),
     ("txt2img", {"script_name": "x/y/z plot"}, "script_name"),
     ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
@@ -300,8 +341,11 @@ BAD = [
     ("img2img", {"init_images": [png_claiming(5000, 5000)]}, "init_images"),
     ("img2img", {"init_images": [png_claiming(30000, 30000)]}, "init_images"),
     ("img2img", {"init_images": [base64.b64encode(base64.b64decode(PNG)[:300]).decode()]}, "init_images"),
-    ("img2img", {"init_images": [PNG], "mask": PNG}, "mask"),
-    ("img2img", {"init_images": [PNG], "resize_mode": 1}, "resize_mode"),
+    ("img2img", {"init_images": [PNG], "mask": "not base64!"}, "mask"),
+    ("img2img", {"init_images": [PNG], "mask": PNG, "inpainting_fill": 4}, "inpainting_fill"),
+    ("img2img", {"init_images": [PNG], "mask": PNG, "mask_blur": -1}, "mask_blur"),
+    ("img2img", {"init_images": [PNG], "resize_mode": 3}, "resize_mode"),
+    ("img2img", {"init_images": [PNG], "resize_mode": 4}, "resize_mode"),
     ("img2img", {"init_images": [PNG], "denoising_strength": 1.5}, "denoising_strength"),
     ("img2img", {"init_images": [PNG], "denoising_strength": 0.2, "steps": 2}, "denoising_strength"),
     ("img2img", {"init_images": [PNG], "subseed_strength": 0.3}, "subseed_strength"),

@@ -228,7 +228,6 @@ def test_infotext_round_trip(pipes, tmp_path):
 def test_errors_name_the_argument(pipes):
     pipe, _ = pipes
     cases = [(dict(sampler="Euler a", generator=torch.Generator()), "generator"),
-             (dict(sampler="Euler a", clip_skip=2), "clip_skip"),
              (dict(sampler="No such sampler", family="webui"), "sampler"),
              (dict(sampler="Euler", scheduler="Nope"), "scheduler"),
              (dict(sampler="Euler", rng="TPU"), "rng"),
@@ -238,6 +237,24 @@ def test_errors_name_the_argument(pipes):
         with pytest.raises(ValueError, match=name):
             altdiff.generate(PROMPT, model=pipe, num_inference_steps=2, width=SIZE, height=SIZE,
                              progress=False, **kwargs)
+
+
+def test_clip_skip_is_recorded_not_applied_as_the_webui_does_for_xlmr(pipes):
+    """The webui's XLM-R encoder (sd_hijack_xlmr.py) has no CLIP skip: the setting changes no pixel, and its
+    infotext records it ("Clip skip": the layer stopped at, generate()'s clip_skip + 1)."""
+    pipe, _ = pipes
+    kw = dict(model=pipe, sampler="Euler", num_inference_steps=2, width=SIZE, height=SIZE, seed=1, progress=False)
+    plain = altdiff.generate(PROMPT, **kw)
+    skipped = altdiff.generate(PROMPT, clip_skip=1, **kw)
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(skipped.images[0]))
+    assert "Clip skip: 2," in skipped.infotexts[0] and "Clip skip" not in plain.infotexts[0]
+    again = altdiff.generate(infotext=skipped.infotexts[0], model=pipe, progress=False)
+    assert again.infotexts[0] == skipped.infotexts[0]
+    diffusers_family = altdiff.generate(PROMPT, clip_skip=1, model=pipe, sampler="euler", num_inference_steps=2,
+                                        width=SIZE, height=SIZE, seed=1, output_type="latent", progress=False)
+    plain_diffusers = altdiff.generate(PROMPT, model=pipe, sampler="euler", num_inference_steps=2, width=SIZE,
+                                       height=SIZE, seed=1, output_type="latent", progress=False)
+    assert (diffusers_family.images - plain_diffusers.images).abs().max() > 1e-3  # applied there
 
 
 def test_diffusers_names_keep_the_diffusers_family(pipes):

@@ -253,14 +253,13 @@ class Worker:
                 pipe._interrupt = True
             return {}
 
-        images, nsfw, networks, texts = [], [], {}, []
+        images, nsfw, texts = [], [], []
         try:
             for b in range(task.n_iter):
                 if state.interrupted or job.cancelled:
                     break
                 state.job_no, state.sampling_step, state.skipped = b, 0, False  # a skip ends one image
                 result = generate(**webui.generate_kwargs(task, pipe, b), callback_on_step_end=on_step)
-                networks = result.infotext
                 texts += result.infotexts
                 images += result.images
                 nsfw += result.nsfw_content_detected or [False] * len(result.images)
@@ -268,7 +267,7 @@ class Worker:
             state.job_count = state.job_no = state.sampling_step = state.sampling_steps = 0
             state.skipped, state.preview_latent = False, None
             state.job = ""
-        result = webui.finish(task, images, nsfw, title, networks, texts or None)
+        result = webui.finish(task, images, nsfw, title, texts)
         if not task.request.get("override_settings_restore_afterwards", True):
             self.options.update({k: v for k, v in overrides.items() if k in webui.OVERRIDABLE})
             if task.model is not None:
