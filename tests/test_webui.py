@@ -3,10 +3,8 @@
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from altdiff import webui
-from altdiff.rng import randn_tensor
 
 OPTIONS = {"sd_model_checkpoint": "m9", "CLIP_stop_at_last_layers": 1}
 
