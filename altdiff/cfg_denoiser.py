@@ -39,6 +39,10 @@ class CFGDenoiser:
         # The timestep samplers blend the (un-noised) init latent into x before the model call; k-diffusion's
         # into the denoised prediction after it (CFGDenoiserTimesteps / CFGDenoiser).
         self.mask_before_denoising = False
+        # DDIM CFG++ (timestep_samplers.ddim_cfgpp) scales the guidance and reads the uncond prediction back.
+        self.cond_scale_multiplier = 1.0
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.mask is not None and self.mask_before_denoising:
@@ -69,7 +73,10 @@ class CFGDenoiser:
         if skip_uncond:
             # The cond prediction stands in for the missing uncond one, and guidance becomes 1.
             x_out = torch.cat([x_out, torch.cat([x_out[conds[0][0]:conds[0][0] + 1] for conds in conds_list])])
-        denoised = combine_denoised(x_out, conds_list, batch_size, 1.0 if skip_uncond else self.cond_scale)
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = x_out[-batch_size:].clone()
+        scale = 1.0 if skip_uncond else self.cond_scale * self.cond_scale_multiplier
+        denoised = combine_denoised(x_out, conds_list, batch_size, scale)
         if self.mask is not None and not self.mask_before_denoising:
             denoised = self.blend(denoised)
         self.step += 1

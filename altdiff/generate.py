@@ -26,7 +26,6 @@ from . import checks, hires, inpaint, prompts, webui_sampling
 from . import infotext as infotext_io
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
-from .k_samplers import KDIFFUSION_SAMPLERS
 from .lora import text_encoder_scale
 from .networks import prompt_networks
 from .pipeline import DEFAULT_MODEL, Pipeline, load
@@ -696,7 +695,8 @@ def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_n
     if choice.timesteps:  # CompVisSampler.initialize: "Eta DDIM" when not 0
         if eta:
             extra["Eta DDIM"] = eta
-    elif "eta" in inspect.signature(KDIFFUSION_SAMPLERS[choice.label].function).parameters and eta not in (None, 1.0):
+    elif "eta" in inspect.signature(webui_sampling.K_SAMPLERS[choice.label].function).parameters and (
+            eta not in (None, 1.0)):
         extra["Eta"] = eta
     if prepared is not None:
         extra.update(inpaint.infotext_params(webui.inpaint, prepared.paste_to is not None))

@@ -587,21 +587,21 @@ _ROWS = (
 KDIFFUSION_SAMPLERS: dict[str, KSampler] = {label: KSampler(fn, aliases, options)
                                             for label, fn, aliases, options in _ROWS}
 
-def find_k_sampler(name: str) -> str:
-    """The webui label of the k-diffusion sampler called `name` (label or alias, any case), the key of
-    KDIFFUSION_SAMPLERS; ValueError listing the choices."""
+def find_k_sampler(name: str, table: dict[str, KSampler] = KDIFFUSION_SAMPLERS) -> str:
+    """The webui label of the sampler called `name` (label or alias, any case), a key of `table`
+    (KDIFFUSION_SAMPLERS, or a table with more samplers of this form); ValueError listing the choices."""
     if isinstance(name, str):
         key = name.casefold()
-        for label, row in KDIFFUSION_SAMPLERS.items():
+        for label, row in table.items():
             if key == label.casefold() or key in (alias.casefold() for alias in row.aliases):
                 return label
-    raise ValueError(f"sampler: unknown k-diffusion sampler {name!r}; expected one of "
-                     f"{', '.join(KDIFFUSION_SAMPLERS)}")
+    raise ValueError(f"sampler: unknown k-diffusion sampler {name!r}; expected one of {', '.join(table)}")
 
 
 def webui_sampler_kwargs(label: str, sigmas: torch.Tensor, model_sigmas: torch.Tensor, steps: int, *,
                          img2img: bool = False, eta: float | None = None, s_churn: float = 0.0,
-                         s_tmin: float = 0.0, s_tmax: float | None = None, s_noise: float = 1.0) -> dict:
+                         s_tmin: float = 0.0, s_tmax: float | None = None, s_noise: float = 1.0,
+                         table: dict[str, KSampler] = KDIFFUSION_SAMPLERS) -> dict:
     """The keyword arguments the webui's KDiffusionSampler gives the function of `label`, besides model, x,
     extra_args, callback, disable and noise_sampler.
 
@@ -611,7 +611,7 @@ def webui_sampler_kwargs(label: str, sigmas: torch.Tensor, model_sigmas: torch.T
     sigma_sched[0] in img2img) and DPM fast its number of model calls (`steps`; len(sigma_sched) - 1 in
     img2img).
     """
-    function, _, options = KDIFFUSION_SAMPLERS[find_k_sampler(label)]
+    function, _, options = table[find_k_sampler(label, table)]
     parameters = inspect.signature(function).parameters
     kwargs: dict = {}
     if function in (sample_euler, sample_heun, sample_dpm_2):

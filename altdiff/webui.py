@@ -30,7 +30,6 @@ from .hires import target as hires_target
 from .images import to_rgb
 from .infotext import parse
 from .inpaint import InpaintOptions
-from .k_samplers import KDIFFUSION_SAMPLERS
 from .k_schedules import SCHEDULE_TYPES, find_schedule_type
 from .timestep_samplers import TIMESTEP_SAMPLERS
 
@@ -130,15 +129,19 @@ def resolve_sampler(sampler_name: str | None, scheduler: str | None,
         choice = webui_sampling.resolve(name, scheduler)
     except ValueError:
         raise FieldError(field, f"unknown sampler {name!r}; expected one of "
-                         f"{[*KDIFFUSION_SAMPLERS, *webui_sampling.WEBUI_TIMESTEP_SAMPLERS]}") from None
+                         f"{[row['name'] for row in samplers_list()]}") from None
     return choice.label, choice.label, choice.schedule_type
 
 
 def samplers_list() -> list[dict]:
     """GET /sdapi/v1/samplers, in the webui's order."""
-    rows = [(label, list(row.aliases), row.options) for label, row in KDIFFUSION_SAMPLERS.items()]
+    # k-diffusion's and Restart, then the timestep samplers, then LCM, as the webui lists them
+    k_rows = {label: (list(row.aliases), row.options) for label, row in webui_sampling.K_SAMPLERS.items()}
+    lcm = k_rows.pop("LCM")
+    rows = [(label, *row) for label, row in k_rows.items()]
     rows += [(label, list(TIMESTEP_SAMPLERS[label].aliases), TIMESTEP_SAMPLERS[label].options)
              for label in webui_sampling.WEBUI_TIMESTEP_SAMPLERS]
+    rows.append(("LCM", *lcm))
     return [{"name": n, "aliases": aliases, "options": options} for n, aliases, options in rows]
 
 

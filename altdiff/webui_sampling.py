@@ -22,14 +22,17 @@ import torch
 
 from . import conditioning, prompts
 from .cfg_denoiser import CFGDenoiser
+from .extra_samplers import EXTRA_SAMPLERS, LCMDenoiser
 from .k_samplers import KDIFFUSION_SAMPLERS, find_k_sampler, webui_sampler_kwargs
 from .k_schedules import SCHEDULE_TYPES, compvis_denoiser, find_schedule_type, training_sigmas, webui_sigmas
 from .rng import BrownianTreeNoise, ImageRNG, rng_noise_sampler
 from .timestep_samplers import TIMESTEP_SAMPLERS, get_timesteps, img2img_timesteps, setup_img2img_steps
 
 DEFAULT_SAMPLER = "DPM++ 2M"
-# The timestep samplers run here (DDIM CFG++ needs the CFG denoiser's uncond prediction: not wired yet).
-WEBUI_TIMESTEP_SAMPLERS = ("DDIM", "PLMS")  # the webui's first sampler, its default in the UI
+# The samplers of k-diffusion's form: k-diffusion's own, Restart (sd_samplers_extra) and LCM (sd_samplers_lcm).
+K_SAMPLERS = {**KDIFFUSION_SAMPLERS, **EXTRA_SAMPLERS}
+# The timestep samplers run here (UniPC is not built).
+WEBUI_TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS")
 SEED_LIMIT = 4294967294  # processing.get_fixed_seed: -1 picks random.randrange(4294967294)
 
 
@@ -45,7 +48,7 @@ class WebuiSampler:
 
     @property
     def options(self) -> dict:
-        return (TIMESTEP_SAMPLERS if self.timesteps else KDIFFUSION_SAMPLERS)[self.label].options
+        return (TIMESTEP_SAMPLERS if self.timesteps else K_SAMPLERS)[self.label].options
 
     @property
     def infotext_schedule_type(self) -> str:
@@ -88,15 +91,19 @@ def resolve(sampler: str | None, scheduler: str | None) -> WebuiSampler:
             name, schedule = name[:-len(suffix) - 1], candidate
             break
     try:
-        label = find_k_sampler(name)
+        label = find_k_sampler(name, K_SAMPLERS)
     except ValueError:
         label = next((lb for lb in WEBUI_TIMESTEP_SAMPLERS if lb.casefold() == name.casefold()), None)
         if label is None:
             raise ValueError(f"sampler: unknown webui sampler {name!r}; expected one of "
-                             f"{', '.join([*KDIFFUSION_SAMPLERS, *WEBUI_TIMESTEP_SAMPLERS])}") from None
+                             f"{', '.join([*K_SAMPLERS, *WEBUI_TIMESTEP_SAMPLERS])}") from None
         return WebuiSampler(label, schedule.label)  # the webui's timestep samplers have no schedule types
-    if KDIFFUSION_SAMPLERS[label].options.get("scheduler") == schedule.name:
+    if K_SAMPLERS[label].options.get("scheduler") == schedule.name:
         schedule = SCHEDULE_TYPES[0]
+    if label == "LCM" and schedule.need_inner_model and schedule.name != "uniform":
+        # these read timesteps off the CompVis denoiser; LCM's own maps only its 50 distilled timesteps
+        raise ValueError(f"scheduler: LCM runs with Automatic, Uniform or a sigma-only schedule type here, "
+                         f"not {schedule.label}")
     return WebuiSampler(label, schedule.label)
 
 
@@ -167,6 +174,10 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
     if choice.timesteps:
         denoiser = CFGDenoiser(eps, c, uc, cfg_scale, s_min_uncond)
         denoiser.mask_before_denoising = True
+    elif choice.label == "LCM":  # LCMSampler: its own denoiser and, at Automatic, its own schedule
+        inner = LCMDenoiser(eps, alphas_cumprod.to(device))
+        model_sigmas = inner.sigmas.cpu()
+        denoiser = CFGDenoiser(inner, c, uc, cfg_scale, s_min_uncond)
     else:
         denoiser = CFGDenoiser(compvis_denoiser(eps, alphas_cumprod.to(device), prediction_type), c, uc,
                                cfg_scale, s_min_uncond)
@@ -187,21 +198,19 @@ def _sample_k(choice: WebuiSampler, denoiser: CFGDenoiser, rng: ImageRNG, noise:
               strength: float | None, fix_steps: bool, callback) -> torch.Tensor:
     """KDiffusionSampler.sample / sample_img2img: a k-diffusion sampler over the webui's sigmas."""
     device = noise.device
-    function = KDIFFUSION_SAMPLERS[choice.label].function
-    discard = bool(choice.options.get("discard_next_to_last_sigma"))
+    function = K_SAMPLERS[choice.label].function
     if init_latent is None:
-        sigmas = webui_sigmas(choice.schedule_type, steps, model_sigmas, discard,
-                              choice.options.get("scheduler"))
+        sigmas = _sigmas(choice, denoiser, steps, model_sigmas)
         x = noise * sigmas[0].to(device)
         run_sigmas = sigmas
-        kwargs = webui_sampler_kwargs(choice.label, sigmas, model_sigmas, steps, eta=eta)
+        kwargs = webui_sampler_kwargs(choice.label, sigmas, model_sigmas, steps, eta=eta, table=K_SAMPLERS)
     else:
         schedule_steps, t_enc = setup_img2img_steps(steps, strength, fix_steps)
-        sigmas = webui_sigmas(choice.schedule_type, schedule_steps, model_sigmas, discard,
-                              choice.options.get("scheduler"))
+        sigmas = _sigmas(choice, denoiser, schedule_steps, model_sigmas)
         run_sigmas = sigmas[schedule_steps - t_enc - 1:]
         x = init_latent + noise * run_sigmas[0].to(device)
-        kwargs = webui_sampler_kwargs(choice.label, run_sigmas, model_sigmas, steps, img2img=True, eta=eta)
+        kwargs = webui_sampler_kwargs(choice.label, run_sigmas, model_sigmas, steps, img2img=True, eta=eta,
+                                      table=K_SAMPLERS)
     if "sigmas" in kwargs:
         kwargs["sigmas"] = kwargs["sigmas"].to(device)
     if choice.options.get("brownian_noise"):
@@ -212,6 +221,15 @@ def _sample_k(choice: WebuiSampler, denoiser: CFGDenoiser, rng: ImageRNG, noise:
     if "noise_sampler" in inspect.signature(function).parameters:
         kwargs["noise_sampler"] = noise_sampler
     return function(denoiser, x, extra_args={}, callback=callback, disable=True, **kwargs)
+
+
+def _sigmas(choice: WebuiSampler, denoiser: CFGDenoiser, steps: int, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """KDiffusionSampler.get_sigmas; LCM's uniform schedule is its own denoiser's get_sigmas."""
+    if isinstance(denoiser.inner, LCMDenoiser) and find_schedule_type(choice.schedule_type).name in (
+            "automatic", "uniform"):
+        return denoiser.inner.get_sigmas(steps).cpu()
+    return webui_sigmas(choice.schedule_type, steps, model_sigmas,
+                        bool(choice.options.get("discard_next_to_last_sigma")), choice.options.get("scheduler"))
 
 
 def _sample_timesteps(choice: WebuiSampler, denoiser: CFGDenoiser, rng: ImageRNG, noise: torch.Tensor,

@@ -31,6 +31,8 @@ GRID = {
     "Heun": ("sample_heun", "uniform", False),
     "DPM2 a": ("sample_dpm_2_ancestral", "karras", True),
     "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "exponential", True),
+    # Restart (sd_samplers_extra) under 20 steps makes no restart: Heun (Euler into sigma 0) over Karras sigmas
+    "Restart": ("sample_heun", "karras", False),
 }
 
 
@@ -394,3 +396,30 @@ def test_ddim_and_plms_make_the_webuis_number_of_unet_calls(pipes):
                              seed=4, output_type="latent", progress=False)
     assert torch.equal(eta[0].images, eta[1].images) and (eta[0].images - plain.images).abs().max() > 1e-2
     assert "Eta DDIM: 1.0" in eta[0].infotexts[0] and ddim.infotexts[0].count("Sampler: DDIM,") == 1
+
+
+def test_ddim_cfgpp_and_lcm_run_in_the_webui_family(pipes):
+    """DDIM CFG++ makes DDIM's UNet calls with the guidance scaled by 1/12.5 and the unconditional eps for the
+    direction back (its function is checked in tests/test_timestep_samplers.py); LCM runs over its own
+    denoiser and schedule (tests/test_k_samplers.py), one call per step."""
+    pipe, _ = pipes
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    kw = dict(model=pipe, num_inference_steps=5, width=SIZE, height=SIZE, seed=4, output_type="latent",
+              progress=False)
+    try:
+        ddim = altdiff.generate(PROMPT, sampler="DDIM", **kw).images
+        n_ddim, calls[:] = len(calls), []
+        cfgpp = altdiff.generate(PROMPT, sampler="DDIM CFG++", **kw)
+        n_cfgpp, calls[:] = len(calls), []
+        lcm = altdiff.generate(PROMPT, sampler="LCM", **kw)
+        n_lcm = len(calls)
+    finally:
+        handle.remove()
+    assert n_cfgpp == n_ddim and n_lcm == 5
+    assert (cfgpp.images - ddim).abs().max() > 1e-2 and (lcm.images - ddim).abs().max() > 1e-2
+    assert "Sampler: DDIM CFG++," in cfgpp.infotexts[0] and "Sampler: LCM," in lcm.infotexts[0]
+    karras = altdiff.generate(PROMPT, sampler="LCM", scheduler="Karras", **kw)
+    assert (karras.images - lcm.images).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="scheduler"):
+        altdiff.generate(PROMPT, sampler="LCM", scheduler="SGM Uniform", **kw)
