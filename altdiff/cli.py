@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-count", type=int, default=1, help="number of batches")
     p.add_argument("-i", "--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
+    webui = p.add_argument_group("the webui's inpainting and hires fix (webui family; default sampler DPM++ 2M)")
+    webui.add_argument("--mask", default=None, metavar="PNG",
+                       help="inpaint --init-image where the mask is white, at -W x -H (default: the image's size)")
+    webui.add_argument("--mask-blur", type=int, default=4)
+    webui.add_argument("--inpainting-fill", type=int, default=1, choices=range(4), metavar="{0,1,2,3}",
+                       help="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    webui.add_argument("--only-masked", type=int, default=None, metavar="PADDING",
+                       help="inpaint only the masked area (plus PADDING pixels) at full size, pasted back")
+    webui.add_argument("--mask-invert", action="store_true", help="inpaint where the mask is black")
+    webui.add_argument("--hr-scale", type=float, default=None, help="hires fix: upscale by this factor")
+    webui.add_argument("--hr-upscaler", default="Latent",
+                       help="hires fix: Latent, Latent (bicubic), ..., None, Lanczos or Nearest")
+    webui.add_argument("--hr-steps", type=int, default=0, help="hires fix: second-pass steps (0: --steps)")
+    webui.add_argument("--hr-denoise", type=float, default=0.7, help="hires fix: denoising strength")
     p.add_argument("--model", default=None, help="hub repo id or diffusers folder (default BAAI/AltDiffusion-m9)")
     add_runtime_options(p)
     p.add_argument("-o", "--output", default="out-%d.png",
@@ -116,6 +130,10 @@ def output_paths(pattern: str, count: int, overwrite: bool = False) -> list[Path
 def _check_args(args: argparse.Namespace) -> None:
     if args.prompt is None and args.infotext is None:
         raise ValueError("prompt: give a prompt (or --infotext to remake one)")
+    if args.mask is not None and args.init_image is None:
+        raise ValueError("--mask: inpainting needs --init-image, the picture the mask applies to")
+    if args.hr_scale is not None and args.init_image is not None:
+        raise ValueError("--hr-scale: the hires fix is txt2img's second pass; drop --init-image")
     if args.sampler is not None and args.sampler not in SAMPLER_LABELS:
         from .webui_sampling import resolve
         resolve(args.sampler, args.scheduler)  # a ValueError naming the sampler or schedule type
@@ -162,14 +180,33 @@ def main(argv: list[str] | None = None) -> int:
         for folder in dict.fromkeys(p.parent for p in paths):
             checks.writable("-o/--output", folder)
         init = open_image(args.init_image) if args.init_image else None
-        return _run(args, paths, init)
+        mask = open_image(args.mask) if args.mask else None
+        return _run(args, paths, init, mask)
     return reported("altdiff", make)
 
 
-def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
+def _webui_options(args: argparse.Namespace, mask) -> dict:
+    """generate()'s inpainting and hires-fix arguments from the CLI's webui options."""
+    from .hires import HiresOptions
+    from .inpaint import InpaintOptions
+
+    options = {}
+    if mask is not None:
+        options.update(mask_image=mask, inpaint_options=InpaintOptions(
+            mask_blur_x=args.mask_blur, mask_blur_y=args.mask_blur, inpainting_fill=args.inpainting_fill,
+            inpaint_full_res=args.only_masked is not None, inpaint_full_res_padding=args.only_masked or 0,
+            inpainting_mask_invert=args.mask_invert))
+    if args.hr_scale is not None:
+        options["hires"] = HiresOptions(hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
+                                        hr_second_pass_steps=args.hr_steps, denoising_strength=args.hr_denoise)
+    return options
+
+
+def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
     from .generate import generate
     from .pipeline import DEFAULT_MODEL, load
     from .schedules import sampler_for_config
+    from .webui_sampling import DEFAULT_SAMPLER
 
     model = args.model or DEFAULT_MODEL
     pipe = load(model, device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
@@ -181,7 +218,8 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
         for img, text, path in zip(result.images, result.infotexts, paths):
             print(save_png(img, path, text))
         return 0
-    sampler = args.sampler or sampler_for_config(pipe.scheduler_config)
+    webui_options = _webui_options(args, mask)
+    sampler = args.sampler or (DEFAULT_SAMPLER if webui_options else sampler_for_config(pipe.scheduler_config))
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
     written = iter(paths)
     for b in range(args.batch_count):
@@ -190,10 +228,11 @@ def _run(args: argparse.Namespace, paths: list[Path], init) -> int:
         webui = dict(scheduler=args.scheduler, rng=args.rng, eta_noise_seed_delta=args.ensd)
         result = generate(args.prompt, model=pipe, negative_prompt=args.negative_prompt,
                           num_inference_steps=args.steps, guidance_scale=args.cfg_scale,
-                          height=None if init else args.height, width=None if init else args.width,
+                          height=None if init and not mask else args.height,
+                          width=None if init and not mask else args.width,
                           num_images_per_prompt=args.batch_size, seed=seeds, sampler=sampler, image=init,
                           strength=args.strength, progress=not args.quiet, a1111_prompts=args.a1111_prompts,
-                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **webui_options,
                           **{k: v for k, v in webui.items() if v})
         if result.infotexts:  # the webui family writes the webui's own infotext, which the webui remakes
             for img, text in zip(result.images, result.infotexts):

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from altdiff import cli
+import altdiff
+from altdiff import cli, inpaint
 from altdiff.images import read_infotext, save_png
 from altdiff.infotext import SAMPLER_LABELS, format_infotext, parse_infotext
 
@@ -112,3 +113,33 @@ def test_cli_webui_family_writes_the_webui_infotext_and_remakes_it(m9_folder, tm
     assert read_infotext(again) == read_infotext(first)
     assert cli.main([*common, "-o", str(tmp_path / "c.png")]) == 2
     assert "prompt" in capsys.readouterr().err
+
+
+def test_cli_inpaints_and_runs_the_hires_fix_as_generate(m9_folder, tmp_path, capsys):
+    """--mask and --hr-scale are generate()'s webui-family mask_image/inpaint_options and hires: the same
+    pixels; their infotext remakes the hires image; a mask without an image is refused naming --mask."""
+    common = ["--model", str(m9_folder), "--device", "cpu", "--quiet", "--no-safety-checker"]
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(init)
+    m = PIL.Image.new("L", (32, 32))
+    m.paste(255, (8, 8, 24, 24))
+    m.save(mask)
+    out = tmp_path / "inpainted.png"
+    assert cli.main(["a cat", "-i", str(init), "--mask", str(mask), "--mask-blur", "2", "--steps", "3",
+                     "--seed", "5", "--sampler", "Euler a", "--strength", "0.9", *common, "-o", str(out)]) == 0
+    pipe = altdiff.load(str(m9_folder), device="cpu", safety_checker=False)
+    expected = pipe.generate("a cat", image=PIL.Image.open(init), mask_image=PIL.Image.open(mask), seed=[5],
+                             sampler="Euler a", strength=0.9, num_inference_steps=3, progress=False,
+                             inpaint_options=inpaint.InpaintOptions(mask_blur_x=2, mask_blur_y=2))
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected.images[0]))
+    hr = tmp_path / "hires.png"
+    assert cli.main(["a cat", "-W", "32", "-H", "32", "--hr-scale", "1.5", "--hr-steps", "2", "--steps", "2",
+                     "--seed", "3", *common, "-o", str(hr)]) == 0
+    assert PIL.Image.open(hr).size == (48, 48)
+    params = parse_infotext(read_infotext(hr))[2]
+    assert params["Sampler"] == "DPM++ 2M" and params["Hires upscale"] == "1.5"
+    again = tmp_path / "again.png"
+    assert cli.main(["--infotext", str(hr), *common, "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(hr)), np.asarray(PIL.Image.open(again)))
+    assert cli.main(["a cat", "--mask", str(mask), *common, "-o", str(tmp_path / "x.png")]) == 2
+    assert "--mask" in capsys.readouterr().err
