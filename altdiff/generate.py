@@ -674,7 +674,7 @@ def _hires_pass(pipe: Pipeline, samples: torch.Tensor, target: hires.HiresTarget
         images = [hires.upscale_image(i, target, hr.hr_upscaler) for i in hires.to_pixels(decoded)]
         pixels = hires.from_pixels(images) * 2.0 - 1.0
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        samples = _image_latents(pipe, pixels, len(seeds), generators, pipe.device, dtype).float()
+        samples = _image_latents(pipe, pixels, len(seeds), generators, pipe.device, dtype).float().contiguous()
     samples = hires.truncate(samples, target)
     rng = ImageRNG(tuple(samples.shape[1:]), seeds, subseeds if webui.subseed_strength else None,
                    webui.subseed_strength, webui.source, pipe.device, webui.ensd)

@@ -135,17 +135,23 @@ def _altdiff_inpaint(pipe, seeds, options, strength, sampler="Euler a", **kw):
     return latents, result
 
 
-@pytest.mark.parametrize("fill", [1, 2, 3])
-def test_inpainting_equals_the_webui_recipe(pipes, fill):
+@pytest.mark.parametrize("fill, full_res, invert", [(0, False, False), (1, False, False), (2, False, False),
+                                                    (3, False, False), (1, True, False), (2, True, True)])
+def test_inpainting_equals_the_webui_recipe(pipes, fill, full_res, invert):
+    """StableDiffusionProcessingImg2Img.init / .sample with each inpainting_fill, "only masked" and not,
+    inverted and not."""
     pipe, ref = pipes
-    options = inpaint.InpaintOptions(mask_blur_x=2, mask_blur_y=2, inpainting_fill=fill)
+    options = inpaint.InpaintOptions(mask_blur_x=2, mask_blur_y=2, inpainting_fill=fill, inpaint_full_res=full_res,
+                                     inpaint_full_res_padding=4, inpainting_mask_invert=invert)
     ref_latents, ref_images = _webui_inpaint(ref, pipe, [11, 12], options, 0.75)
     latents, result = _altdiff_inpaint(pipe, [11, 12], options, 0.75)
     assert (latents - ref_latents).abs().max().item() <= 1e-4
     for mine, theirs in zip(result.images, ref_images):
         assert np.abs(np.asarray(mine, int) - np.asarray(theirs, int)).max() <= 1
-    assert "Mask blur: 2" in result.infotexts[0] and "Denoising strength: 0.75" in result.infotexts[0]
-    assert ("Masked content: latent noise" in result.infotexts[0]) == (fill == 2)
+    text = result.infotexts[0]
+    assert "Mask blur: 2" in text and "Denoising strength: 0.75" in text
+    assert ("Masked content: latent noise" in text) == (fill == 2) and ("Masked content: fill" in text) == (fill == 0)
+    assert ("Inpaint area: Only masked" in text) == full_res and ("Mask mode: Inpaint not masked" in text) == invert
 
 
 def test_the_mask_keeps_the_picture_and_moves_the_masked_area(pipes):
@@ -193,7 +199,9 @@ def test_only_masked_pastes_the_crop_back_at_the_original_size(pipes):
 
 
 def _webui_hires(ref, pipe, seed, options, steps=STEPS):
-    """txt2img with Euler, then sample_hr_pass with a latent upscaler and Euler."""
+    """txt2img with Euler, then sample_hr_pass with Euler: a latent upscaler, or the first pass decoded,
+    truncated to uint8, upscaled in pixels (altdiff.hires.upscale_image, modules/upscaler.py's model-free
+    upscalers; tests/test_hires.py) and encoded again (its posterior seeded with the image's seed)."""
     with torch.no_grad():
         cond, uncond = _encode_texts(pipe, 1)
         model = external.CompVisDenoiser(_LDM(ref.unet, ref.scheduler.config))
@@ -203,9 +211,16 @@ def _webui_hires(ref, pipe, seed, options, steps=STEPS):
         first = sampling.sample_euler(_cfg(model, cond, uncond, 7.0), x * sigmas[0], sigmas, disable=True)
         factor = pipe.vae_scale_factor
         size = hires.target(SIZE, SIZE, options, factor)
-        mode, antialias = hires.LATENT_UPSCALE_MODES[options.hr_upscaler]
-        up = F.interpolate(first, size=(size.height // factor, size.width // factor), mode=mode,
-                           antialias=antialias)
+        if options.hr_upscaler in hires.LATENT_UPSCALE_MODES:
+            mode, antialias = hires.LATENT_UPSCALE_MODES[options.hr_upscaler]
+            up = F.interpolate(first, size=(size.height // factor, size.width // factor), mode=mode,
+                               antialias=antialias)
+        else:
+            low = _decode(pipe, first)[0]
+            big = hires.upscale_image(low, size, options.hr_upscaler)
+            pixels = torch.from_numpy((np.asarray(big, np.float32)[None] / 255.0).transpose(0, 3, 1, 2))
+            up = pipe.vae.encode(pixels * 2.0 - 1.0).sample(torch.Generator().manual_seed(seed))
+            up = (up * pipe.vae.config.scaling_factor).contiguous()
         noise = torch.randn(up.shape[1:], generator=torch.Generator().manual_seed(seed))[None]
         hr_steps = options.hr_second_pass_steps or steps
         # setup_img2img_steps with an explicit step count: a longer schedule, of which hr_steps are run
@@ -217,8 +232,10 @@ def _webui_hires(ref, pipe, seed, options, steps=STEPS):
     return latents, _decode(pipe, latents)
 
 
-@pytest.mark.parametrize("upscaler,second_steps", [("Latent", 0), ("Latent (bicubic antialiased)", 3)])
+@pytest.mark.parametrize("upscaler,second_steps", [("Latent", 0), ("Latent (bicubic antialiased)", 3),
+                                                    ("Lanczos", 2), ("None", 0)])
 def test_hires_fix_equals_the_webui_recipe(pipes, upscaler, second_steps):
+    """StableDiffusionProcessingTxt2Img.sample / sample_hr_pass, latent and pixel upscalers."""
     pipe, ref = pipes
     options = hires.HiresOptions(hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=second_steps,
                                  denoising_strength=0.6)
