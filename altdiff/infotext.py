@@ -15,6 +15,7 @@ from typing import Any
 import PIL.Image
 
 from . import __version__
+from .hires import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from .images import read_infotext
 from .lora import LORA_DIR_SUFFIXES
 from .networks import lora_hash
@@ -321,9 +322,9 @@ _AT_DEFAULT = {**{k: str(v) for k, v in {**_DEFAULTS, **_LATE_DEFAULTS}.items()}
 # The flags _backcompat sets, with the webui version before which it sets them.
 _BACKCOMPAT = {"Old prompt editing timelines": "v1.6.0", "Pad conds v0": "v1.6.0",
                "Downcast alphas_cumprod": "v1.7.0-225", "Refiner switch by sampling steps": "v1.8.0"}
-# The webui's latent upscalers; the others are image upscaler models altdiff does not have.
-LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
-                    "Latent (nearest)", "Latent (nearest-exact)")
+# The hires upscalers altdiff runs (altdiff.hires): the latent modes and the model-free pixel ones; the
+# webui's others are image upscaler models altdiff does not have.
+HIRES_UPSCALERS = (*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS)
 _HIRES_KEYS = {"Hires upscale", "Hires upscaler", "Hires steps", "Hires resize-1", "Hires resize-2",
                "Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires prompt",
                "Hires negative prompt"}
@@ -427,8 +428,8 @@ def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any]
             raise InfotextError(f"{name}: altdiff does not reproduce this setting (value {value!r})")
     if hires:
         upscaler = hires.get("Hires upscaler", "Latent")
-        if upscaler not in LATENT_UPSCALERS:
-            raise InfotextError(f"Hires upscaler: altdiff has only the latent upscalers "
-                                f"({', '.join(LATENT_UPSCALERS)}), not {upscaler!r}")
+        if upscaler not in HIRES_UPSCALERS:
+            raise InfotextError(f"Hires upscaler: altdiff has the latent and model-free upscalers "
+                                f"({', '.join(HIRES_UPSCALERS)}), not {upscaler!r}")
         kwargs["hires"] = hires
     return kwargs

@@ -28,7 +28,7 @@ from .checks import SEED_MAX, is_int, is_number
 from .hires import HiresOptions
 from .hires import target as hires_target
 from .images import to_rgb
-from .infotext import parse
+from .infotext import parse, to_generate_kwargs
 from .inpaint import InpaintOptions
 from .k_schedules import SCHEDULE_TYPES, find_schedule_type
 from .timestep_samplers import TIMESTEP_SAMPLERS
@@ -43,11 +43,13 @@ INERT = {
     "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
     "firstphase_width": (0, None), "firstphase_height": (0, None),
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
-    "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""), "infotext": (None, ""),
+    "refiner_checkpoint": (None, "", "None"), "firstpass_image": (None, ""),
     "latent_mask": (None, ""), "initial_noise_multiplier": (None, 1),
     "disable_extra_networks": (False, None),
 }
-OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+# The webui settings altdiff has: a request's override_settings or POST /options may set them.
+OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", "eta_noise_seed_delta")
+NOISE_SETTINGS = {"randn_source": "GPU", "eta_noise_seed_delta": 0}  # the webui's defaults
 
 
 class FieldError(ValueError):
@@ -94,6 +96,8 @@ class Task:
     eta: float | None  # generate()'s eta (None: the sampler's webui default)
     clip_skip: int  # the webui's CLIP_stop_at_last_layers
     model: str | None  # override_settings' sd_model_checkpoint; None: the server's current model
+    rng: str = "GPU"  # the webui's randn_source
+    ensd: int = 0  # the webui's eta_noise_seed_delta
     init_image: PIL.Image.Image | None = None  # resized to width x height, unless there is a mask
     denoising_strength: float | None = None
     mask: PIL.Image.Image | None = None
@@ -240,6 +244,9 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     if not is_int(clip_skip, 1, 12):
         raise FieldError("override_settings.CLIP_stop_at_last_layers", f"expected an int in [1, 12], got "
                          f"{clip_skip!r}")
+    noise = {**NOISE_SETTINGS, **{k: options[k] for k in NOISE_SETTINGS if k in options},
+             **{k: overrides[k] for k in NOISE_SETTINGS if k in overrides}}
+    check_noise_settings(noise, "override_settings.")
 
     width = _check_int(request, "width", 8, 2**16, 512)
     height = _check_int(request, "height", 8, 2**16, 512)
@@ -288,9 +295,82 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
                 batch_size=batch_size, n_iter=n_iter, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
                 sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=eta,
                 s_min_uncond=s_min_uncond,
-                clip_skip=int(clip_skip), model=model, init_image=init_image, denoising_strength=strength,
+                clip_skip=int(clip_skip), rng=noise["randn_source"], ensd=int(noise["eta_noise_seed_delta"]),
+                model=model, init_image=init_image, denoising_strength=strength,
                 mask=mask, inpaint=inpaint_options, hires=hires_options, lora_dir=lora_dir,
                 embeddings_dir=embeddings_dir)
+
+
+def check_noise_settings(settings: dict, prefix: str = "") -> None:
+    """randn_source and eta_noise_seed_delta as the webui's settings take them."""
+    if "randn_source" in settings and settings["randn_source"] not in ("GPU", "CPU", "NV"):
+        raise FieldError(f"{prefix}randn_source", f"expected GPU, CPU or NV, got {settings['randn_source']!r}")
+    if "eta_noise_seed_delta" in settings and not is_int(settings["eta_noise_seed_delta"], 0, SEED_MAX):
+        raise FieldError(f"{prefix}eta_noise_seed_delta", f"expected an int >= 0, got "
+                         f"{settings['eta_noise_seed_delta']!r}")
+
+
+# infotext key -> txt2img request field, as the webui's paste fields fill them (infotext_utils)
+_PASTE_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps",
+                 "Sampler": "sampler_name", "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed",
+                 "Size-1": "width", "Size-2": "height", "Variation seed": "subseed",
+                 "Variation seed strength": "subseed_strength", "Denoising strength": "denoising_strength",
+                 "Hires upscale": "hr_scale", "Hires upscaler": "hr_upscaler", "Hires steps": "hr_second_pass_steps",
+                 "Hires resize-1": "hr_resize_x", "Hires resize-2": "hr_resize_y", "Hires sampler": "hr_sampler_name",
+                 "Hires schedule type": "hr_scheduler", "Hires prompt": "hr_prompt",
+                 "Hires negative prompt": "hr_negative_prompt", "NGMS": "s_min_uncond"}
+# infotext key -> the setting it overrides (infotext_to_setting_name_mapping)
+_PASTE_SETTINGS = {"Clip skip": "CLIP_stop_at_last_layers", "RNG": "randn_source", "ENSD": "eta_noise_seed_delta"}
+
+
+_INT_FIELDS = {"steps", "seed", "width", "height", "subseed", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y"}
+_FLOAT_FIELDS = {"cfg_scale", "subseed_strength", "denoising_strength", "hr_scale", "s_min_uncond"}
+
+
+def _typed(name: str, value: str):
+    """An infotext value (text) as the request field's type, as the webui's paste converts it."""
+    try:
+        if name in _INT_FIELDS:
+            return int(float(value))
+        if name in _FLOAT_FIELDS:
+            return float(value)
+    except ValueError:
+        raise FieldError("infotext", f"{name}: expected a number, got {value!r}") from None
+    return value
+
+
+def apply_infotext(request: dict, set_fields: set[str]) -> dict:
+    """The webui API's apply_infotext for txt2img: the `infotext` field's values fill every request field the
+    client did not set, its settings go into override_settings unless set there, and hires keys with a
+    Denoising strength turn enable_hr on. Keys altdiff does not reproduce are refused as for any infotext
+    (altdiff.infotext.to_generate_kwargs), naming `infotext`."""
+    text = request.get("infotext")
+    if not text:
+        return request
+    if not isinstance(text, str):
+        raise FieldError("infotext", f"expected a string, got {type(text).__name__}")
+    prompt, negative, params = parse(text)
+    try:
+        to_generate_kwargs(prompt, negative, params)
+    except ValueError as e:
+        raise FieldError("infotext", str(e)) from None
+    values = {"Prompt": prompt, "Negative prompt": negative, **params}
+    request = dict(request)
+    for key, name in _PASTE_FIELDS.items():
+        if name not in set_fields and key in values:
+            request[name] = _typed(name, values[key])
+    if "enable_hr" not in set_fields and "Denoising strength" in values and any(
+            k in values for k in ("Hires upscale", "Hires upscaler", "Hires resize-1")):
+        request["enable_hr"] = True
+    for name, same in (("hr_sampler_name", "Use same sampler"), ("hr_scheduler", "Use same scheduler")):
+        if request.get(name) == same:
+            request[name] = None
+    overrides = dict(request.get("override_settings") or {})
+    for key, setting in _PASTE_SETTINGS.items():
+        if key in values and setting not in overrides:
+            overrides[setting] = values[key] if setting == "randn_source" else int(values[key])
+    request["override_settings"] = overrides
+    return request
 
 
 def _img2img_images(request: dict, width: int, height: int, limits: Limits):
@@ -365,7 +445,8 @@ def generate_kwargs(task: Task, pipe, b: int) -> dict[str, Any]:
                   num_images_per_prompt=task.batch_size, eta=task.eta, lora_dir=task.lora_dir,
                   embeddings_dir=task.embeddings_dir, progress=False, seed=task.seeds[part], family="webui",
                   scheduler=task.scheduler, subseed=task.subseeds[part][0], subseed_strength=task.subseed_strength,
-                  s_min_uncond=task.s_min_uncond, clip_skip=task.clip_skip - 1 or None)
+                  s_min_uncond=task.s_min_uncond, clip_skip=task.clip_skip - 1 or None, rng=task.rng,
+                  eta_noise_seed_delta=task.ensd)
     if task.init_image is not None:
         kwargs.update(image=task.init_image, strength=task.denoising_strength)
     else:

@@ -173,6 +173,46 @@ def test_hires_fix_equals_generate(api, pipe):
     assert params["Denoising strength"] == "0.5" and params["Hires upscaler"] == "Latent (bicubic)"
 
 
+def test_infotext_field_fills_what_the_request_leaves_unset(server, api, pipe):
+    """The webui API's apply_infotext (modules/api/api.py): an infotext fills every field the client did not
+    set, its RNG / ENSD / Clip skip go into override_settings, hires keys turn enable_hr on; the image is the
+    one the infotext describes."""
+    made = pipe.generate(PROMPT, negative_prompt=NEGATIVE, sampler="Euler a", num_inference_steps=STEPS,
+                         width=32, height=32, seed=21, rng="NV", eta_noise_seed_delta=31337, guidance_scale=6.0,
+                         progress=False)
+    text = made.infotexts[0]
+    assert "RNG: NV" in text and "ENSD: 31337" in text
+
+    def post(body):
+        r = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return decode(r.json()["images"][0]), json.loads(r.json()["info"])
+
+    image, info = post({"infotext": text})
+    assert np.array_equal(pixels(image), pixels(made.images[0]))
+    params = parse_infotext(info["infotexts"][0])[2]
+    assert (params["RNG"], params["ENSD"], params["Seed"], params["CFG scale"]) == ("NV", "31337", "21", "6.0")
+    other, info = post({"infotext": text, "seed": 22})  # a field the client sets wins
+    assert info["all_seeds"] == [22] and level_diff(other, image) > 0
+    cpu, info = post({"infotext": text, "override_settings": {"randn_source": "CPU"}})
+    assert "RNG: CPU" in info["infotexts"][0] and level_diff(cpu, image) > 0
+    hires_text = pipe.generate(PROMPT, sampler="Euler", num_inference_steps=2, width=32, height=32, seed=3,
+                               hires={"hr_scale": 1.5}, progress=False).infotexts[0]
+    big, info = post({"infotext": hires_text})
+    assert big.size == (48, 48) and "Hires upscale: 1.5" in info["infotexts"][0]
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", timeout=60,
+                      json={"infotext": "a\nSteps: 2, Sampler: Euler, VAE Decoder: TAESD"})
+    assert r.status_code == 422 and "VAE Decoder" in r.text and "infotext" in r.text
+    # POST /options sets the noise settings for later requests, as the webui's settings do
+    api.set_options({"randn_source": "NV", "eta_noise_seed_delta": 31337})
+    try:
+        same, _ = post({"prompt": PROMPT, "negative_prompt": NEGATIVE, "sampler_name": "Euler a", "steps": STEPS,
+                        "width": 32, "height": 32, "seed": 21, "cfg_scale": 6.0})
+        assert np.array_equal(pixels(same), pixels(made.images[0]))
+    finally:
+        api.set_options({"randn_source": "GPU", "eta_noise_seed_delta": 0})
+
+
 def test_variation_seeds_as_the_webui(api, pipe):
     """Variation seeds run in the webui family: generate(seed, subseed, subseed_strength) (its ImageRNG
     slerps each image's seed noise toward its subseed's, tests/test_rng.py)."""
@@ -332,7 +372,9 @@ BAD = [
     ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
     ("txt2img", {"s_churn": 0.5}, "s_churn"), ("txt2img", {"prompt": "x" * 8193}, "prompt"),
     ("txt2img", {"seed_resize_from_w": 64}, "seed_resize_from_w"),
-    ("txt2img", {"firstphase_width": 64}, "firstphase_width"), ("txt2img", {"infotext": "a\nSteps: 2"}, "infotext"),
+    ("txt2img", {"firstphase_width": 64}, "firstphase_width"),
+    ("txt2img", {"infotext": "a\nSteps: 2, Sampler: Euler, Face restoration: CodeFormer"}, "infotext"),
+    ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "randn_source"),
     ("txt2img", {"disable_extra_networks": True}, "disable_extra_networks"),
     ("txt2img", {"prompt": "a cat <lora:missing:1>"}, "missing"),  # generate() refuses: a 422 all the same
     ("img2img", {}, "init_images"), ("img2img", {"init_images": [PNG, PNG]}, "init_images"),

@@ -29,11 +29,13 @@ async def _images(req: _Request, request: Request, response: Response, img2img: 
         response.headers[IGNORED_HEADER] = ascii(ignored)[:MAX_EXCERPT]
     body = req.model_dump(exclude=set(ignored))
     worker.check_room()  # a full queue refuses before the uploads are decoded
+    # api.py apply_infotext: the infotext fills what the client left unset, before styles apply
+    filled = webui.apply_infotext(body, req.model_fields_set)
     models = {name: m.title for m in worker.models for name in (m.title, m.model_name)}
     # processing.py setup_prompts: styles apply to the prompts the image (and its infotext) is made from
-    names, styled = body["styles"] or [], dict(body)
+    names, styled = body["styles"] or [], dict(filled)
     for key in ("prompt", "negative_prompt"):
-        styled[key] = apply_styles(body[key], names, request.app.state.styles, negative=key != "prompt")
+        styled[key] = apply_styles(filled[key], names, request.app.state.styles, negative=key != "prompt")
     task = await run_in_threadpool(webui.parse_task, styled, img2img=img2img, limits=config.limits,
                                    options=dict(worker.options), models=list(models),
                                    lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)

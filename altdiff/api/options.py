@@ -21,7 +21,7 @@ async def get_options(request: Request):
 @router.post("/sdapi/v1/options")
 async def set_options(options: dict[str, Any], request: Request):
     worker = request.app.state.worker
-    known = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format"}
+    known = {*webui.OVERRIDABLE, "samples_format"}
     for key in options:
         if key not in known:
             raise webui.FieldError(key, f"not a setting altdiff has (it has {sorted(known)})")
@@ -32,6 +32,7 @@ async def set_options(options: dict[str, Any], request: Request):
                                f"{[m.title for m in worker.models]}")
     if "CLIP_stop_at_last_layers" in options and not checks.is_int(options["CLIP_stop_at_last_layers"], 1, 12):
         raise webui.FieldError("CLIP_stop_at_last_layers", "expected an int in [1, 12]")
+    webui.check_noise_settings(options)
     if options.get("samples_format", "png") != "png":
         raise webui.FieldError("samples_format", "altdiff writes png only")
     # A worker job: options and model switches take effect in arrival order with the jobs around them (the

@@ -128,7 +128,7 @@ class Worker:
             raise ValueError(f"--models-dir: no diffusers folders or {'/'.join(MODEL_SUFFIXES)} files in "
                              f"{config.models_dir}, and no --model given")
         self.options = {"sd_model_checkpoint": self.models[0].title, "CLIP_stop_at_last_layers": 1,
-                        "samples_format": "png"}
+                        "samples_format": "png", **webui.NOISE_SETTINGS}
         self.pipe: Pipeline | None = None
         self.pipe_title: str | None = None
         self.state = Progress()
@@ -237,6 +237,10 @@ class Worker:
         overrides = task.request.get("override_settings") or {}
         if "CLIP_stop_at_last_layers" not in overrides:  # the options as they are when the job runs
             task.clip_skip = int(self.options["CLIP_stop_at_last_layers"])
+        if "randn_source" not in overrides:
+            task.rng = self.options["randn_source"]
+        if "eta_noise_seed_delta" not in overrides:
+            task.ensd = int(self.options["eta_noise_seed_delta"])
         pipe = self.pipeline(task.model)
         title = self.pipe_title
         state = self.state
