@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (recorded in the PNG)")
     p.add_argument("--sampler", default=None,
-                   help=f"diffusers family: one of {', '.join(sorted(SAMPLER_LABELS))} (default: the model's own "
-                        "scheduler); a webui name (\"Euler a\", \"DPM++ 2M Karras\", ...) runs the webui family")
+                   help="a webui sampler name (\"Euler a\", \"DPM++ 2M Karras\", ...; default DPM++ 2M): the webui "
+                        "family, the webui's image for the infotext written; or a diffusers-family name, one of "
+                        f"{', '.join(sorted(SAMPLER_LABELS))}: diffusers' image")
     p.add_argument("--scheduler", default=None, help="webui family: the schedule type (Karras, Exponential, ...)")
     p.add_argument("--rng", default=None, choices=("GPU", "CPU", "NV"), help="webui family: the noise source")
     p.add_argument("--ensd", type=int, default=0, help="webui family: eta noise seed delta (e.g. 31337)")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-count", type=int, default=1, help="number of batches")
     p.add_argument("-i", "--init-image", default=None, help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image")
-    webui = p.add_argument_group("the webui's inpainting and hires fix (webui family; default sampler DPM++ 2M)")
+    webui = p.add_argument_group("the webui's inpainting and hires fix (webui family)")
     webui.add_argument("--mask", default=None, metavar="PNG",
                        help="inpaint --init-image where the mask is white, at -W x -H (default: the image's size)")
     webui.add_argument("--mask-blur", type=int, default=4)
@@ -205,7 +206,6 @@ def _webui_options(args: argparse.Namespace, mask) -> dict:
 def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
     from .generate import generate
     from .pipeline import DEFAULT_MODEL, load
-    from .schedules import sampler_for_config
     from .webui_sampling import DEFAULT_SAMPLER
 
     model = args.model or DEFAULT_MODEL
@@ -219,7 +219,8 @@ def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
             print(save_png(img, path, text))
         return 0
     webui_options = _webui_options(args, mask)
-    sampler = args.sampler or (DEFAULT_SAMPLER if webui_options else sampler_for_config(pipe.scheduler_config))
+    # The webui family by default: the PNG's infotext is one the webui remakes into the same image.
+    sampler = args.sampler or DEFAULT_SAMPLER
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
     written = iter(paths)
     for b in range(args.batch_count):
