@@ -294,6 +294,46 @@ def end_to_end(alt, ref, s: Settings) -> list[Result]:
     return rows
 
 
+def _unet_calls(module: torch.nn.Module, run: Callable[[], object]) -> int:
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def webui_family(alt, ref, s: Settings) -> list[Result]:
+    """The webui family's cost per step: DPM++ 2M Karras end to end in each family of altdiff against
+    diffusers' DPMSolverMultistepScheduler with Karras sigmas in the same rounds, with each run's UNet calls
+    (cond and uncond batched in one call in all three)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    saved = ref.scheduler
+    ref.scheduler = DPMSolverMultistepScheduler.from_config(saved.config, use_karras_sigmas=True)
+    common = dict(num_inference_steps=s.steps, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, height=s.size,
+                  width=s.size, output_type="np")
+    runs = {"webui": lambda: alt.generate(PROMPT, seed=0, progress=False, sampler="DPM++ 2M", **common).images,
+            "diffusers family": lambda: alt.generate(PROMPT, seed=0, progress=False, sampler="dpmpp_2m_karras",
+                                                     **common).images,
+            "diffusers": lambda: ref(PROMPT, generator=torch.Generator().manual_seed(0), **common).images}
+    try:
+        calls = {name: _unet_calls(alt.unet if name != "diffusers" else ref.unet, run) for name, run in runs.items()}
+        shape = f"t2i {s.size}x{s.size}, {s.steps} steps, DPM++ 2M Karras"
+        rows = []
+        for family in ("webui", "diffusers family"):
+            row = compare(f"e2e, altdiff {family} family".replace("family family", "family"), shape,
+                          {"altdiff": runs[family], "diffusers": runs["diffusers"]}, s.device, s.repeats)
+            row.note = f"UNet calls: altdiff {calls[family]}, diffusers {calls['diffusers']}"
+            if family == "webui":
+                row.error = None  # another recipe (the webui's sigmas, noise, conversion): not a parity figure
+            rows.append(row)
+    finally:
+        ref.scheduler = saved
+    return rows
+
+
 def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
     """End to end with altdiff's compile=True (UNet, text encoder, VAE decoder, safety checker) against
     diffusers with its UNet compiled (`_compile_diffusers`), and both eager, in the same rounds (opt-in)."""
@@ -377,6 +417,7 @@ BLOCKS: dict[str, Callable[..., Result | list[Result]]] = {
     "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "unet_variants": unet_variants,
     "unet_compiled": unet_compiled, "vae_decode": vae_decode, "vae_encode": vae_encode,
     "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler, "e2e": end_to_end,
+    "webui_family": webui_family,
     "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled, "throughput": throughput,
     "offload": offload,  # last: it leaves diffusers' pipeline offloaded
 }

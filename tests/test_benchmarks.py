@@ -3,6 +3,7 @@ No timing assertions: only that every block runs for both libraries, that the ta
 that both libraries computed the same thing (which fails if either side loads or runs the wrong model)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,12 +25,17 @@ def test_harness_runs_every_block_on_the_tiny_model(m9_folder, tmp_path, capsys)
     blocks = [r.block for r in results]
     assert blocks == ["load", "first e2e, fresh process", "load → first image, fresh process", "tokenizer",
                       "text encoder", "UNet step", "UNet step, channels_last", "VAE decode", "VAE encode",
-                      "VAE tiled decode", "safety checker", "sampler overhead", "end to end"]
+                      "VAE tiled decode", "safety checker", "sampler overhead", "end to end",
+                      "e2e, altdiff webui family", "e2e, altdiff diffusers family"]
     for r in results:
         assert set(r.times) == {"altdiff", "diffusers"}
         assert all(len(t) == 1 and t[0] > 0 for t in r.times.values()), r.block
         assert r.ratio is not None and r.ratio > 0
         assert f"| {r.block} |" in table
+    # the webui family makes the UNet calls diffusers makes for the same sampler: one per step
+    for r in results[-2:]:
+        altdiff_calls, diffusers_calls = (int(n) for n in re.findall(r"\d+", r.note))
+        assert altdiff_calls == diffusers_calls == int(TINY[TINY.index("--steps") + 1]), r.note
     errors = {r.block: r.error for r in results if r.error is not None}
     assert errors["safety checker"] == 0  # same NSFW flags
     assert errors["end to end"] <= 1  # uint8 levels
