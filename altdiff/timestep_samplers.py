@@ -1,5 +1,5 @@
 """The webui 1.10's timestep samplers (sd_samplers_timesteps.py / sd_samplers_timesteps_impl.py) as plain
-functions: DDIM, DDIM CFG++ and PLMS.
+functions: DDIM, DDIM CFG++ and PLMS (and UniPC, altdiff.unipc).
 
 Contract, the webui's own:
 `f(model, x, timesteps, extra_args=None, callback=None, disable=None, <options>, *, alphas_cumprod,
@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import trange
 
 from .k_samplers import Callback, Model, NoiseSampler, _required
+from .unipc import unipc
 
 # The webui's CFG++ maps a CFG scale of [0, 12.5] onto CFG++'s guidance of [0, 1].
 CFGPP_SCALE = 1 / 12.5
@@ -195,6 +196,7 @@ TIMESTEP_SAMPLERS: dict[str, TimestepSampler] = {
     "DDIM": TimestepSampler(ddim, ("ddim",), {}),
     "DDIM CFG++": TimestepSampler(ddim_cfgpp, ("ddim_cfgpp",), {}),
     "PLMS": TimestepSampler(plms, ("plms",), {}),
+    "UniPC": TimestepSampler(unipc, ("unipc",), {}),
 }
 
 

@@ -31,8 +31,7 @@ from .timestep_samplers import TIMESTEP_SAMPLERS, get_timesteps, img2img_timeste
 DEFAULT_SAMPLER = "DPM++ 2M"
 # The samplers of k-diffusion's form: k-diffusion's own, Restart (sd_samplers_extra) and LCM (sd_samplers_lcm).
 K_SAMPLERS = {**KDIFFUSION_SAMPLERS, **EXTRA_SAMPLERS}
-# The timestep samplers run here (UniPC is not built).
-WEBUI_TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS")
+WEBUI_TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS", "UniPC")
 SEED_LIMIT = 4294967294  # processing.get_fixed_seed: -1 picks random.randrange(4294967294)
 
 
@@ -247,9 +246,12 @@ def _sample_timesteps(choice: WebuiSampler, denoiser: CFGDenoiser, rng: ImageRNG
                                                                 alphas_cumprod)
         x = init_latent * sqrt_a + noise * sqrt_one_minus_a
     function = TIMESTEP_SAMPLERS[choice.label].function
-    kwargs = {"eta": 0.0 if eta is None else eta} if "eta" in inspect.signature(function).parameters else {}
-    if "noise_sampler" in inspect.signature(function).parameters:
+    parameters = inspect.signature(function).parameters
+    kwargs = {"eta": 0.0 if eta is None else eta} if "eta" in parameters else {}
+    if "noise_sampler" in parameters:
         kwargs["noise_sampler"] = rng_noise_sampler(rng)
+    if "is_img2img" in parameters and init_latent is not None:
+        kwargs["is_img2img"] = True
     return function(denoiser, x, timesteps.to(noise.device), extra_args={}, callback=callback, disable=True,
                     alphas_cumprod=alphas_cumprod.to(noise.device), **kwargs)
 

@@ -6,6 +6,7 @@ torch generator per image, k-diffusion's torch.randn_like routed to those genera
 TorchHijack), its BrownianTreeNoiseSampler with the images' seeds, and the webui's truncating uint8 conversion."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import tiny
 import torch
@@ -423,3 +424,66 @@ def test_ddim_cfgpp_and_lcm_run_in_the_webui_family(pipes):
     assert (karras.images - lcm.images).abs().max() > 1e-3
     with pytest.raises(ValueError, match="scheduler"):
         altdiff.generate(PROMPT, sampler="LCM", scheduler="SGM Uniform", **kw)
+
+
+def test_unipc_equals_diffusers_unipc_where_their_steps_agree(pipes):
+    """The webui's UniPC (sd_samplers_timesteps_impl.unipc: bh1, order 3, lower order final, time-uniform)
+    walks t = 1 .. 1/1000 in len(timesteps) equal steps, calling the model at (t - 1/1000) * 1000. At 26 webui
+    steps range(0, 1000, 38) has 27 entries, so the model times are 999 * (1 - k/27): the integer timesteps
+    999, 962, ..., 37 and a last step to t = 0, exactly where diffusers' UniPCMultistepScheduler (bh1, order
+    3, lower_order_final, linspace spacing, final sigma = sigma_min) steps with the same UniP/UniC updates."""
+    from diffusers import UniPCMultistepScheduler
+
+    pipe, ref = pipes
+    latents = altdiff.generate(PROMPT, model=pipe, negative_prompt=NEGATIVE, sampler="UniPC", num_inference_steps=26,
+                               guidance_scale=7.0, width=SIZE, height=SIZE, seed=5, output_type="latent",
+                               progress=False)
+    with torch.no_grad():
+        cond = prompts.encode(pipe.tokenizer, pipe.text_encoder, [PROMPT], pipe.device)
+        uncond = prompts.encode(pipe.tokenizer, pipe.text_encoder, [NEGATIVE], pipe.device)
+
+    def diffusers_unipc(solver_type):
+        scheduler = UniPCMultistepScheduler.from_config(
+            ref.scheduler.config, solver_order=3, solver_type=solver_type, lower_order_final=True,
+            predict_x0=True, timestep_spacing="linspace", final_sigmas_type="sigma_min", prediction_type="epsilon")
+        scheduler.set_timesteps(27)
+        assert scheduler.timesteps.tolist() == [999 - 37 * k for k in range(27)]
+        x = torch.randn((1, 4, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor),
+                        generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                out = ref.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond])).sample
+                x = scheduler.step(out[1:] + (out[:1] - out[1:]) * 7.0, t, x).prev_sample
+        return x
+
+    expected = diffusers_unipc("bh1")
+    # diffusers takes alpha, sigma and lambda from its float32 alphas_cumprod, the webui's UniPC from the
+    # interpolated log-alpha of the model's: float rounding over 27 steps of a random model whose latents
+    # reach |75|. Relative 2e-5 (measured 1.1e-5); bh2 instead of bh1 is ~0.6 away.
+    tolerance = 2e-5 * expected.abs().max().item()
+    assert (latents.images - expected).abs().max().item() <= tolerance
+    assert (diffusers_unipc("bh2") - expected).abs().max().item() > 100 * tolerance
+    assert "Sampler: UniPC," in latents.infotexts[0]
+    ddim = altdiff.generate(PROMPT, model=pipe, negative_prompt=NEGATIVE, sampler="DDIM", num_inference_steps=26,
+                            guidance_scale=7.0, width=SIZE, height=SIZE, seed=5, output_type="latent",
+                            progress=False).images
+    assert (latents.images - ddim).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        altdiff.generate(PROMPT, model=pipe, sampler="UniPC", num_inference_steps=2, width=SIZE, height=SIZE,
+                         progress=False)
+
+
+def test_unipc_img2img_starts_at_the_strengths_timestep(pipes):
+    """sample_img2img with UniPC (is_img2img): the solver starts just above timesteps[t_enc - 1] and makes
+    one model call per step of the t_enc it runs."""
+    pipe, _ = pipes
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        out = altdiff.generate(PROMPT, model=pipe, image=image, strength=0.5, sampler="UniPC",
+                               num_inference_steps=10, seed=2, output_type="latent", progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 5 and torch.isfinite(out.images).all()
+    assert "Denoising strength: 0.5" in out.infotexts[0]
