@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hires fix: Latent, Latent (bicubic), ..., None, Lanczos or Nearest")
     webui.add_argument("--hr-steps", type=int, default=0, help="hires fix: second-pass steps (0: --steps)")
     webui.add_argument("--hr-denoise", type=float, default=0.7, help="hires fix: denoising strength")
+    p.add_argument("--token-merging-ratio", type=float, default=None, metavar="R",
+                   help="merge this share of the tokens before self-attention (ToMe, the webui's setting; e.g. 0.5)")
     p.add_argument("--model", default=None, help="hub repo id or diffusers folder (default BAAI/AltDiffusion-m9)")
     add_runtime_options(p)
     p.add_argument("-o", "--output", default="out-%d.png",
@@ -214,6 +216,7 @@ def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
     extra = _load_networks(pipe, args)
     if args.infotext is not None:  # the infotext's values; the prompt, when given, replaces its prompt
         result = generate(args.prompt, model=pipe, infotext=args.infotext, progress=not args.quiet,
+                          token_merging_ratio=args.token_merging_ratio,
                           lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
         for img, text, path in zip(result.images, result.infotexts, paths):
             print(save_png(img, path, text))
@@ -234,6 +237,7 @@ def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
                           num_images_per_prompt=args.batch_size, seed=seeds, sampler=sampler, image=init,
                           strength=args.strength, progress=not args.quiet, a1111_prompts=args.a1111_prompts,
                           lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **webui_options,
+                          token_merging_ratio=args.token_merging_ratio,
                           **{k: v for k, v in webui.items() if v})
         if result.infotexts:  # the webui family writes the webui's own infotext, which the webui remakes
             for img, text in zip(result.images, result.infotexts):

@@ -83,10 +83,11 @@ class CaptureError(RuntimeError):
 
 def state_key(module: nn.Module) -> tuple:
     """What a recorded or compiled module depends on: each parameter's storage and in-place version, FreeU
-    (the UNet's) and attention slicing."""
+    and token merging (the UNet's) and attention slicing."""
     params = tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
     freeu = getattr(module, "freeu", None)
-    return params, tuple(sorted(freeu.items())) if freeu else None, attention._slice_size
+    return (params, tuple(sorted(freeu.items())) if freeu else None, getattr(module, "token_merging", None),
+            attention._slice_size)
 
 
 def _warn_fallback(what: str, e: Exception) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checks, hires, inpaint, prompts, webui_sampling
+from . import checks, hires, inpaint, prompts, tome, webui_sampling
 from . import infotext as infotext_io
 from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
@@ -532,7 +532,8 @@ def _from_infotext(source, given: dict) -> dict:
 def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_images_per_prompt: int,
                     shape, init_image, image, mask_image, height, width, strength, steps: int,
                     guidance_scale: float, eta, seed, clip_skip, cross_attention_kwargs, output_type, return_dict,
-                    callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir):
+                    callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
+                    token_merging_ratio):
     """The webui family's stages (altdiff.webui_sampling): encode the prompt schedules, draw the webui's noise,
     sample with its CFG denoiser (an inpainting mask blended in; the hires fix's second pass after it), decode
     with its truncating conversion (and paste the inpainting overlay); the infotext of each image."""
@@ -583,7 +584,7 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
 
     with pipe.lock, prompt_networks(pipe, all_prompts, all_negatives, a1111_prompts=True, lora_dir=lora_dir,
                                     embeddings_dir=embeddings_dir) as networks, torch.inference_mode(), \
-            pipe.running():
+            pipe.running(), tome.merging_for(pipe.unet, token_merging_ratio) as merging:
         pipe._interrupt = False
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         first_total = choice.total_steps(steps)
@@ -637,7 +638,8 @@ def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_
         images = [inpaint.apply_overlay(img, prepared.overlay, prepared.paste_to) for img in images]
     texts_out = _webui_infotexts(pipe, webui, networks, all_prompts, all_negatives, seeds, subseeds, steps,
                                  guidance_scale, eta, width, height,
-                                 strength if init_image is not None else None, prepared, clip_skip)
+                                 strength if init_image is not None else None, prepared, clip_skip,
+                                 merging.ratio if merging is not None else 0.0)
     if not return_dict:
         return images, nsfw
     return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext,
@@ -684,7 +686,8 @@ def _hires_pass(pipe: Pipeline, samples: torch.Tensor, target: hires.HiresTarget
 
 
 def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_negatives, seeds, subseeds,
-                     steps, guidance_scale, eta, width, height, strength, prepared, clip_skip) -> list[str]:
+                     steps, guidance_scale, eta, width, height, strength, prepared, clip_skip,
+                     token_merging_ratio: float) -> list[str]:
     """processing.create_infotext for each image, with the keys the run added (Eta, mask, hires). The webui
     records its CLIP skip setting ("Clip skip": layers stopped at, clip_skip + 1) though its XLM-R encoder
     does not apply it."""
@@ -700,7 +703,8 @@ def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_n
         extra["Eta"] = eta
     if prepared is not None:
         extra.update(inpaint.infotext_params(webui.inpaint, prepared.paste_to is not None))
-    if hr is not None and hires.target(width, height, hr, pipe.vae_scale_factor) is not None:
+    hires_on = hr is not None and hires.target(width, height, hr, pipe.vae_scale_factor) is not None
+    if hires_on:
         extra.update(hires.infotext_params(hr, sampler=choice.label, scheduler=choice.schedule_type,
                                            prompt=all_prompts[0], negative_prompt=all_negatives[0],
                                            cfg_scale=guidance_scale))
@@ -711,7 +715,10 @@ def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_n
         model=source.stem if source is not None and source.is_file() else (source.name if source else None),
         variation_seed=subseeds[i] if webui.subseed_strength else None,
         variation_seed_strength=webui.subseed_strength, denoising_strength=strength, clip_skip=(clip_skip or 0) + 1,
-        ensd=webui.ensd if choice.uses_ensd(eta) else 0, rng=webui.source, extra=extra)
+        ensd=webui.ensd if choice.uses_ensd(eta) else 0, token_merging_ratio=token_merging_ratio,
+        # the hires pass merges at the same ratio (the webui's token_merging_ratio_hr option left at 0)
+        token_merging_ratio_hr=token_merging_ratio if hires_on else 0.0,
+        rng=webui.source, extra=extra)
         for i, (p, neg) in enumerate(zip(all_prompts, all_negatives))]
 
 
@@ -734,7 +741,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              family: str | None = None, scheduler: str | None = None, rng: str | None = None,
              eta_noise_seed_delta: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
              s_min_uncond: float = 0.0, inpaint_options: inpaint.InpaintOptions | dict | None = None,
-             hires: hires.HiresOptions | dict | None = None,
+             hires: hires.HiresOptions | dict | None = None, token_merging_ratio: float | None = None,
              infotext: str | Path | PIL.Image.Image | None = None):
     """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
     pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
@@ -759,6 +766,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     `clip_skip` is recorded in the infotext ("Clip skip: clip_skip + 1") but not applied: the webui's XLM-R
     encoder has no CLIP skip.
 
+    `token_merging_ratio` (both families) merges that share of the tokens before each self-attention at the
+    latent's resolution, as the webui applies tomesd (altdiff.tome); None keeps `pipe.enable_token_merging`'s
+    setting, 0 turns it off for the call.
+
     Stages: check → encode → prepare latents → denoise → decode and safety check."""
     if infotext is not None:
         return generate(**_from_infotext(infotext, {k: v for k, v in locals().items() if k != "infotext"}))
@@ -768,6 +779,8 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
                                               num_images_per_prompt, eta, guidance_rescale, clip_skip,
                                               callback_steps))
     cross_attention_kwargs = checks.cross_attention_kwargs(cross_attention_kwargs)
+    if token_merging_ratio is not None:
+        tome.TokenMerging(plain(token_merging_ratio))  # checked before the model loads
     family = _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
                      s_min_uncond, inpaint_options, hires)
     batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
@@ -792,7 +805,8 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
         return _generate_webui(pipe, webui, prompt, negative_prompt, num_images_per_prompt, shape, init_image,
                                image, mask_image, height, width, strength, num_inference_steps, guidance_scale,
                                eta, seed, clip_skip, cross_attention_kwargs, output_type, return_dict,
-                               callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir)
+                               callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
+                               token_merging_ratio)
     for name, value in (("inpaint_options", inpaint_options), ("hires", hires)):
         if value is not None:
             raise ValueError(f"{name}: the webui's inpainting options and hires fix are the webui family's; "
@@ -812,7 +826,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
 
     with pipe.lock, prompt_networks(pipe, prompt, negative_prompt, a1111_prompts=a1111_prompts, lora_dir=lora_dir,
                                     embeddings_dir=embeddings_dir) as networks, torch.inference_mode(), \
-            pipe.running():
+            pipe.running(), tome.merging_for(pipe.unet, token_merging_ratio):
         pipe._interrupt = False
         embeds, do_cfg = _encode(pipe, networks.prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                  num_images_per_prompt, guidance_scale, cross_attention_kwargs, clip_skip,

@@ -65,7 +65,7 @@ def write(prompt: str, negative_prompt: str | None = None, *, steps: int, sample
           schedule_type: str = "Automatic", cfg_scale: float, seed: int, width: int, height: int,
           model_hash: str | None = None, model: str | None = None, variation_seed: int | None = None,
           variation_seed_strength: float = 0.0, denoising_strength: float | None = None, clip_skip: int = 1,
-          ensd: int = 0, token_merging_ratio: float = 0.0, rng: str = "GPU",
+          ensd: int = 0, token_merging_ratio: float = 0.0, token_merging_ratio_hr: float = 0.0, rng: str = "GPU",
           extra: dict[str, Any] | None = None, version: str | None = f"altdiff {__version__}") -> str:
     """processing.create_infotext's text, keys in its order. The caller decides what the webui decides from
     the sampler: `ensd` only when the sampler uses it (0 otherwise), and in `extra` (the webui's
@@ -78,6 +78,7 @@ def write(prompt: str, negative_prompt: str | None = None, *, steps: int, sample
         "Variation seed strength": variation_seed_strength or None,
         "Denoising strength": denoising_strength, "Clip skip": clip_skip if clip_skip > 1 else None,
         "ENSD": ensd or None, "Token merging ratio": token_merging_ratio or None,
+        "Token merging ratio hr": token_merging_ratio_hr or None,
         "RNG": rng if rng != "GPU" else None, **(extra or {}), "Version": version,
     }
     return format_infotext(prompt, negative_prompt, params).strip()
@@ -399,6 +400,14 @@ def to_generate_kwargs(prompt: str, negative_prompt: str, params: dict[str, Any]
             kwargs["subseed"] = _number(params, key, int)
         elif key == "Variation seed strength":
             kwargs["subseed_strength"] = _number(params, key)
+        elif key == "Token merging ratio":
+            kwargs["token_merging_ratio"] = _number(params, key)
+        elif key == "Token merging ratio hr":
+            # the hires pass merges at the first pass's ratio here (the webui's token_merging_ratio_hr unset)
+            first = _number({"Token merging ratio": params.get("Token merging ratio", 0)}, "Token merging ratio")
+            if _number(params, key) != first:
+                raise InfotextError(f"{key}: altdiff merges the hires pass at the first pass's Token merging ratio, "
+                                    f"not {value!r}")
         elif key == "Clip skip":
             # the webui's XLM-R encoder has no CLIP skip: the webui family records it without applying it
             kwargs["clip_skip"] = _number(params, key, int) - 1

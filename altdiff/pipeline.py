@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import lora as lora_adapters
-from . import textual_inversion
+from . import textual_inversion, tome
 from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (DTYPES: weights_convert imports it here)
 from .config import ModelIndex, SchedulerConfig
 from .fast_unet import FastUNet, set_compiled, state_key
@@ -201,6 +201,13 @@ class Pipeline:
 
     def disable_freeu(self) -> None:
         self.unet.disable_freeu()
+
+    def enable_token_merging(self, ratio: float, max_downsample: int = 1, sx: int = 2, sy: int = 2) -> None:
+        """ToMe (altdiff.tome) with tomesd.apply_patch's arguments; use_rand is always off, as in the webui."""
+        tome.apply(self.unet, tome.TokenMerging(ratio, max_downsample, sx, sy))
+
+    def disable_token_merging(self) -> None:
+        tome.apply(self.unet, None)
 
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checks
+from . import checks, tome
 from .attention import attention
 from .config import UNetConfig
 from .resnet import Downsample, ResnetBlock, Upsample
@@ -105,9 +105,15 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, context_dim, heads, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.token_merging: tome.TokenMerging | None = None  # set by tome.apply
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        merging = self.token_merging
+        if merging is not None and size is not None:  # ToMe: self-attention over the merged tokens
+            merge, unmerge = tome.bipartite_merge(x, *size, merging.sx, merging.sy, int(x.shape[1] * merging.ratio))
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
+        else:
+            x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -138,7 +144,7 @@ class Transformer2D(nn.Module):
         if self.linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, (h, w))
         if self.linear:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
@@ -243,6 +249,7 @@ class UNet(nn.Module):
         depths = cfg.per_block("transformer_layers_per_block")
         temb_ch = ch[0] * 4
         self.freeu: dict[str, float] | None = None
+        self.token_merging: tome.TokenMerging | None = None  # tome.apply sets it with the blocks' own
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.time_cond_proj_dim)

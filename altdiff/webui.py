@@ -48,8 +48,10 @@ INERT = {
     "disable_extra_networks": (False, None),
 }
 # The webui settings altdiff has: a request's override_settings or POST /options may set them.
-OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", "eta_noise_seed_delta")
+OVERRIDABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", "eta_noise_seed_delta",
+               "token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
 NOISE_SETTINGS = {"randn_source": "GPU", "eta_noise_seed_delta": 0}  # the webui's defaults
+TOME_SETTINGS = {"token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
 
 
 class FieldError(ValueError):
@@ -98,6 +100,7 @@ class Task:
     model: str | None  # override_settings' sd_model_checkpoint; None: the server's current model
     rng: str = "GPU"  # the webui's randn_source
     ensd: int = 0  # the webui's eta_noise_seed_delta
+    token_merging_ratio: float = 0.0
     init_image: PIL.Image.Image | None = None  # resized to width x height, unless there is a mask
     denoising_strength: float | None = None
     mask: PIL.Image.Image | None = None
@@ -247,6 +250,14 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     noise = {**NOISE_SETTINGS, **{k: options[k] for k in NOISE_SETTINGS if k in options},
              **{k: overrides[k] for k in NOISE_SETTINGS if k in overrides}}
     check_noise_settings(noise, "override_settings.")
+    merging = {**TOME_SETTINGS, **{k: options[k] for k in TOME_SETTINGS if k in options},
+               **{k: overrides[k] for k in TOME_SETTINGS if k in overrides}}
+    check_tome_settings(merging, "override_settings.")
+    # processing.py get_token_merging_ratio: img2img prefers its own setting unless the request overrides the
+    # general one
+    ratio = merging["token_merging_ratio"]
+    if img2img and "token_merging_ratio" not in overrides:
+        ratio = merging["token_merging_ratio_img2img"] or ratio
 
     width = _check_int(request, "width", 8, 2**16, 512)
     height = _check_int(request, "height", 8, 2**16, 512)
@@ -296,6 +307,7 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
                 sampler=sampler, sampler_name=sampler_name, scheduler=scheduler, eta=eta,
                 s_min_uncond=s_min_uncond,
                 clip_skip=int(clip_skip), rng=noise["randn_source"], ensd=int(noise["eta_noise_seed_delta"]),
+                token_merging_ratio=float(ratio),
                 model=model, init_image=init_image, denoising_strength=strength,
                 mask=mask, inpaint=inpaint_options, hires=hires_options, lora_dir=lora_dir,
                 embeddings_dir=embeddings_dir)
@@ -310,6 +322,18 @@ def check_noise_settings(settings: dict, prefix: str = "") -> None:
                          f"{settings['eta_noise_seed_delta']!r}")
 
 
+def check_tome_settings(settings: dict, prefix: str = "") -> None:
+    """The webui's token merging settings: ratios in [0, 1); the hires pass merges at the first pass's ratio
+    here, so token_merging_ratio_hr is 0 (the webui's "same as the first pass") or that ratio."""
+    for name in TOME_SETTINGS:
+        if name in settings and not (is_number(settings[name]) and 0 <= settings[name] < 1):
+            raise FieldError(f"{prefix}{name}", f"expected a number in [0, 1), got {settings[name]!r}")
+    hr = settings.get("token_merging_ratio_hr", 0)
+    if hr and hr != settings.get("token_merging_ratio", 0):
+        raise FieldError(f"{prefix}token_merging_ratio_hr", "altdiff merges the hires pass at token_merging_ratio; "
+                         f"expected 0 or that ratio, got {hr!r}")
+
+
 # infotext key -> txt2img request field, as the webui's paste fields fill them (infotext_utils)
 _PASTE_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps",
                  "Sampler": "sampler_name", "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed",
@@ -320,7 +344,8 @@ _PASTE_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Step
                  "Hires schedule type": "hr_scheduler", "Hires prompt": "hr_prompt",
                  "Hires negative prompt": "hr_negative_prompt", "NGMS": "s_min_uncond"}
 # infotext key -> the setting it overrides (infotext_to_setting_name_mapping)
-_PASTE_SETTINGS = {"Clip skip": "CLIP_stop_at_last_layers", "RNG": "randn_source", "ENSD": "eta_noise_seed_delta"}
+_PASTE_SETTINGS = {"Clip skip": "CLIP_stop_at_last_layers", "RNG": "randn_source", "ENSD": "eta_noise_seed_delta",
+                   "Token merging ratio": "token_merging_ratio", "Token merging ratio hr": "token_merging_ratio_hr"}
 
 
 _INT_FIELDS = {"steps", "seed", "width", "height", "subseed", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y"}
@@ -368,7 +393,9 @@ def apply_infotext(request: dict, set_fields: set[str]) -> dict:
     overrides = dict(request.get("override_settings") or {})
     for key, setting in _PASTE_SETTINGS.items():
         if key in values and setting not in overrides:
-            overrides[setting] = values[key] if setting == "randn_source" else int(values[key])
+            value = values[key]
+            overrides[setting] = value if setting == "randn_source" else (
+                float(value) if setting.startswith("token_merging") else int(value))
     request["override_settings"] = overrides
     return request
 
@@ -446,7 +473,7 @@ def generate_kwargs(task: Task, pipe, b: int) -> dict[str, Any]:
                   embeddings_dir=task.embeddings_dir, progress=False, seed=task.seeds[part], family="webui",
                   scheduler=task.scheduler, subseed=task.subseeds[part][0], subseed_strength=task.subseed_strength,
                   s_min_uncond=task.s_min_uncond, clip_skip=task.clip_skip - 1 or None, rng=task.rng,
-                  eta_noise_seed_delta=task.ensd)
+                  eta_noise_seed_delta=task.ensd, token_merging_ratio=task.token_merging_ratio)
     if task.init_image is not None:
         kwargs.update(image=task.init_image, strength=task.denoising_strength)
     else:

@@ -260,10 +260,10 @@ def sampler(alt, ref, s: Settings) -> Result:
     return result
 
 
-def _e2e(alt, ref, size: int, steps: int, images: int = 1):
+def _e2e(alt, ref, size: int, steps: int, images: int = 1, **altdiff_only):
     common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE, height=size,
                   width=size, output_type="np", num_images_per_prompt=images)
-    return {"altdiff": lambda: alt.generate(PROMPT, seed=0, progress=False, **common).images,
+    return {"altdiff": lambda: alt.generate(PROMPT, seed=0, progress=False, **common, **altdiff_only).images,
             "diffusers": lambda: ref(PROMPT, generator=torch.Generator().manual_seed(0), **common).images}
 
 
@@ -332,6 +332,27 @@ def webui_family(alt, ref, s: Settings) -> list[Result]:
     finally:
         ref.scheduler = saved
     return rows
+
+
+def token_merging(alt, ref, s: Settings) -> list[Result]:
+    """ToMe at ratio 0.5 as the webui applies it (tomesd: use_rand off, attention only): altdiff's
+    `token_merging_ratio` against diffusers patched by tomesd 0.1.3, then both without it, end to end at
+    `--size` (the issue's row: 512)."""
+    import tomesd
+
+    shape = f"t2i {s.size}x{s.size}, {s.steps} steps"
+    tomesd.apply_patch(ref, ratio=0.5, use_rand=False, merge_attn=True, merge_crossattn=False, merge_mlp=False)
+    try:
+        merged = compare("e2e, ToMe 0.5 (diffusers + tomesd)", shape,
+                         _e2e(alt, ref, s.size, s.steps, token_merging_ratio=0.5), s.device, s.repeats,
+                         error=_uint8_error)
+    finally:
+        tomesd.remove_patch(ref)
+    plain = compare("e2e, no ToMe", shape, _e2e(alt, ref, s.size, s.steps), s.device, s.repeats,
+                    error=_uint8_error)
+    merged.note = (f"altdiff without ToMe {plain.median('altdiff'):.2f} s: "
+                   f"{plain.median('altdiff') / merged.median('altdiff'):.2f}x faster with it")
+    return [merged, plain]
 
 
 def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
@@ -417,7 +438,7 @@ BLOCKS: dict[str, Callable[..., Result | list[Result]]] = {
     "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "unet_variants": unet_variants,
     "unet_compiled": unet_compiled, "vae_decode": vae_decode, "vae_encode": vae_encode,
     "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler, "e2e": end_to_end,
-    "webui_family": webui_family,
+    "webui_family": webui_family, "tome": token_merging,
     "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled, "throughput": throughput,
     "offload": offload,  # last: it leaves diffusers' pipeline offloaded
 }

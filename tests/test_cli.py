@@ -141,5 +141,9 @@ def test_cli_inpaints_and_runs_the_hires_fix_as_generate(m9_folder, tmp_path, ca
     again = tmp_path / "again.png"
     assert cli.main(["--infotext", str(hr), *common, "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(PIL.Image.open(hr)), np.asarray(PIL.Image.open(again)))
+    merged = tmp_path / "merged.png"
+    assert cli.main(["a cat", "-W", "32", "-H", "32", "--steps", "2", "--seed", "3", "--token-merging-ratio", "0.5",
+                     *common, "-o", str(merged)]) == 0
+    assert parse_infotext(read_infotext(merged))[2]["Token merging ratio"] == "0.5"
     assert cli.main(["a cat", "--mask", str(mask), *common, "-o", str(tmp_path / "x.png")]) == 2
     assert "--mask" in capsys.readouterr().err

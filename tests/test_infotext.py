@@ -140,7 +140,7 @@ def test_hires_keys_go_into_one_dict():
 @pytest.mark.parametrize("extra, key", [
     ("Face restoration: CodeFormer", "Face restoration"), ("Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+",
                                                             "Hires upscaler"),
-    ("Seed resize from: 640x448", "Seed resize from"), ("Token merging ratio: 0.5", "Token merging ratio"),
+    ("Seed resize from: 640x448", "Seed resize from"), ("Token merging ratio hr: 0.3", "Token merging ratio hr"),
     ("RNG: cuda", "RNG"), ("Steps: abc", "Steps"), ("Tiling: True", "Tiling"),
     ("Emphasis: No norm", "Emphasis"),
     ("VAE Decoder: TAESD", "VAE Decoder"), ("Schedule rho: 5", "Schedule rho")])

@@ -213,6 +213,17 @@ def test_infotext_field_fills_what_the_request_leaves_unset(server, api, pipe):
         api.set_options({"randn_source": "GPU", "eta_noise_seed_delta": 0})
 
 
+def test_token_merging_setting_as_the_webui(api, pipe):
+    """override_settings' token_merging_ratio (sd_models.apply_token_merging through tomesd; altdiff.tome)."""
+    kwargs = dict(prompt=PROMPT, seed=6, steps=2, width=32, height=32, sampler_name="Euler")
+    merged = api.txt2img(override_settings={"token_merging_ratio": 0.5}, **kwargs).image
+    expected = make(pipe, num_inference_steps=2, width=32, height=32, sampler="Euler", seed=[6],
+                    token_merging_ratio=0.5, negative_prompt="")[0]
+    assert np.array_equal(pixels(merged), pixels(expected)) and level_diff(merged, api.txt2img(**kwargs).image) > 0
+    assert parse_infotext(merged.info["parameters"])[2]["Token merging ratio"] == "0.5"
+    assert api.get_options()["token_merging_ratio"] == 0.0
+
+
 def test_variation_seeds_as_the_webui(api, pipe):
     """Variation seeds run in the webui family: generate(seed, subseed, subseed_strength) (its ImageRNG
     slerps each image's seed noise toward its subseed's, tests/test_rng.py)."""
@@ -375,6 +386,8 @@ BAD = [
     ("txt2img", {"firstphase_width": 64}, "firstphase_width"),
     ("txt2img", {"infotext": "a\nSteps: 2, Sampler: Euler, Face restoration: CodeFormer"}, "infotext"),
     ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "randn_source"),
+    ("txt2img", {"override_settings": {"token_merging_ratio": 1.5}}, "token_merging_ratio"),
+    ("txt2img", {"override_settings": {"token_merging_ratio_hr": 0.3}}, "token_merging_ratio_hr"),
     ("txt2img", {"disable_extra_networks": True}, "disable_extra_networks"),
     ("txt2img", {"prompt": "a cat <lora:missing:1>"}, "missing"),  # generate() refuses: a 422 all the same
     ("img2img", {}, "init_images"), ("img2img", {"init_images": [PNG, PNG]}, "init_images"),

@@ -33,6 +33,7 @@ async def set_options(options: dict[str, Any], request: Request):
     if "CLIP_stop_at_last_layers" in options and not checks.is_int(options["CLIP_stop_at_last_layers"], 1, 12):
         raise webui.FieldError("CLIP_stop_at_last_layers", "expected an int in [1, 12]")
     webui.check_noise_settings(options)
+    webui.check_tome_settings({**{k: worker.options[k] for k in webui.TOME_SETTINGS}, **options})
     if options.get("samples_format", "png") != "png":
         raise webui.FieldError("samples_format", "altdiff writes png only")
     # A worker job: options and model switches take effect in arrival order with the jobs around them (the

@@ -128,7 +128,7 @@ class Worker:
             raise ValueError(f"--models-dir: no diffusers folders or {'/'.join(MODEL_SUFFIXES)} files in "
                              f"{config.models_dir}, and no --model given")
         self.options = {"sd_model_checkpoint": self.models[0].title, "CLIP_stop_at_last_layers": 1,
-                        "samples_format": "png", **webui.NOISE_SETTINGS}
+                        "samples_format": "png", **webui.NOISE_SETTINGS, **webui.TOME_SETTINGS}
         self.pipe: Pipeline | None = None
         self.pipe_title: str | None = None
         self.state = Progress()
