@@ -366,7 +366,14 @@ def denoise(unet, latents: torch.Tensor, schedule, sample_fn, embeds: dict[str, 
     """The sampling loop: `sample_fn` (altdiff.samplers) steps `latents` over `schedule`, asking the UNet for
     a classifier-free-guided prediction at each timestep. `embeds["prompt_embeds"]` (negative and positive
     concatenated under CFG) is read at every step, so a step callback may replace it."""
+    cache = getattr(unet, "deepcache", None)
+    if cache is not None:  # DeepCache counts steps by the timestep's place in the schedule, as deepcache does
+        cache.reset()
+        timesteps = [float(v) for v in schedule.timesteps]
+
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if cache is not None:
+            cache.at(timesteps.index(float(t)))
         x = torch.cat([x] * 2) if do_cfg else x
         pred = unet(x, t, embeds["prompt_embeds"], timestep_cond=timestep_cond,
                     cross_attention_kwargs=cross_attention_kwargs)

@@ -15,6 +15,7 @@ from . import lora as lora_adapters
 from . import textual_inversion, tome
 from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (DTYPES: weights_convert imports it here)
 from .config import ModelIndex, SchedulerConfig
+from .deepcache import DeepCache
 from .fast_unet import FastUNet, set_compiled, state_key
 from .hub import resolve
 from .offload import MODES, Offload, execution_device, released
@@ -155,8 +156,9 @@ class Pipeline:
         graphs = self.cuda_graphs and self.device.type == "cuda"
         lora_hooks = lora is not None and lora.enabled and set(lora.weights) - lora.fused
         sequential = self.offload is not None and self.offload.mode == "sequential"
-        if not (self.compile or graphs) or lora_hooks or sequential:
-            return self.unet  # sequential offload: every module call copies weights, nothing to record
+        # sequential offload: every module call copies weights, nothing to record; DeepCache: Python control flow
+        if not (self.compile or graphs) or lora_hooks or sequential or self.unet.deepcache is not None:
+            return self.unet
         if self.offload is not None:
             self.offload.load_unet()
         fast = self._fast_unet
@@ -208,6 +210,19 @@ class Pipeline:
 
     def disable_token_merging(self) -> None:
         tome.apply(self.unet, None)
+
+    def enable_deepcache(self, cache_interval: int = 1, cache_branch_id: int = 0) -> None:
+        """DeepCache (altdiff.deepcache) with deepcache's DeepCacheSDHelper.set_params arguments."""
+        cache = DeepCache(cache_interval, cache_branch_id)
+        if cache_branch_id // 3 >= len(self.unet.down_blocks):
+            raise ValueError(f"cache_branch_id: {cache_branch_id} is in block {cache_branch_id // 3}; this UNet "
+                             f"has {len(self.unet.down_blocks)} blocks (ids 0 to {3 * len(self.unet.down_blocks) - 1})")
+        self.disable_deepcache()
+        cache.attach(self.unet)
+
+    def disable_deepcache(self) -> None:
+        if self.unet.deepcache is not None:
+            DeepCache.detach(self.unet)
 
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()

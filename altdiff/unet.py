@@ -250,6 +250,7 @@ class UNet(nn.Module):
         temb_ch = ch[0] * 4
         self.freeu: dict[str, float] | None = None
         self.token_merging: tome.TokenMerging | None = None  # tome.apply sets it with the blocks' own
+        self.deepcache = None  # a deepcache.DeepCache routing the blocks' calls, when attached
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.time_cond_proj_dim)

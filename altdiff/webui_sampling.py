@@ -165,7 +165,13 @@ def sample(pipe, unet: Callable, choice: WebuiSampler, c, uc, rng: ImageRNG, see
     model_sigmas = training_sigmas(alphas_cumprod)
     prediction_type = pipe.scheduler_config.prediction_type or "epsilon"
 
+    cache = getattr(unet, "deepcache", None)
+    if cache is not None:
+        cache.reset()
+
     def eps(x, t, cond):
+        if cache is not None:  # DeepCache's step here: the CFG denoiser's call
+            cache.at(denoiser.step, separate_calls=True)
         return unet(x.to(dtype), t, cond.to(dtype), cross_attention_kwargs=cross_attention_kwargs).float()
 
     device = pipe.device

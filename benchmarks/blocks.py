@@ -355,6 +355,23 @@ def token_merging(alt, ref, s: Settings) -> list[Result]:
     return [merged, plain]
 
 
+def deep_cache(alt, ref, s: Settings) -> Result:
+    """DeepCache at interval 3, branch 0: altdiff's enable_deepcache against diffusers with the deepcache
+    package's DeepCacheSDHelper, end to end (the issue's row: 512², 50 PNDM steps on CUDA)."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    alt.enable_deepcache(cache_interval=3, cache_branch_id=0)
+    try:
+        return compare("e2e, DeepCache 3 (diffusers + deepcache)", f"t2i {s.size}x{s.size}, {s.steps} steps",
+                       _e2e(alt, ref, s.size, s.steps), s.device, s.repeats, error=_uint8_error)
+    finally:
+        helper.disable()
+        alt.disable_deepcache()
+
+
 def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
     """End to end with altdiff's compile=True (UNet, text encoder, VAE decoder, safety checker) against
     diffusers with its UNet compiled (`_compile_diffusers`), and both eager, in the same rounds (opt-in)."""
@@ -439,6 +456,7 @@ BLOCKS: dict[str, Callable[..., Result | list[Result]]] = {
     "unet_compiled": unet_compiled, "vae_decode": vae_decode, "vae_encode": vae_encode,
     "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler, "e2e": end_to_end,
     "webui_family": webui_family, "tome": token_merging,
+    "deepcache": deep_cache,
     "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled, "throughput": throughput,
     "offload": offload,  # last: it leaves diffusers' pipeline offloaded
 }
