@@ -11,6 +11,7 @@ scheduled).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ def get_multicond_prompt_list(
             if text not in index_of:
                 index_of[text] = len(flat)
                 flat.append(text)
-            pairs.append((index_of[text], float(weight) if weight is not None else 1.0))
+            value = float(weight) if weight is not None else 1.0
+            if not math.isfinite(value):
+                raise ValueError(f"prompt: the AND weight {weight[:40]!r} of {text[:40]!r} is not a finite number")
+            pairs.append((index_of[text], value))
         indexes.append(pairs)
     return indexes, flat, index_of
 

@@ -143,9 +143,17 @@ def encode_prompt(pipe: Pipeline, prompt, device, num_images_per_prompt: int, do
     return prompt_embeds, negative_prompt_embeds
 
 
+# Characters per prompt text: ~60 chunks of 75 tokens of plain text. The webui has no limit, but encoding
+# (and the emphasis parser) grows with the text, and a megabyte prompt would hold the pipeline for minutes.
+MAX_PROMPT_CHARS = 16384
+
+
 def _check_unicode(name: str, texts: list[str]) -> None:
     # Lone surrogates (what Python makes of undecodable bytes in argv or files) cannot reach sentencepiece.
     for text in texts:
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{name}: {len(text)} characters is more than generate()'s limit of "
+                             f"{MAX_PROMPT_CHARS} (altdiff.generate.MAX_PROMPT_CHARS)")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:

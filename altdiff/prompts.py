@@ -157,6 +157,9 @@ class _Runs:
         return [("".join(self.pieces[a:b]), weight) for (a, b), weight in result]
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """(text, weight) runs of a prompt, with ("BREAK", -1.0) where a chunk must end; unclosed brackets
     apply to the end of the prompt, adjacent runs of equal weight merge. A1111's own examples:
@@ -192,7 +195,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         runs.multiply(start, ROUND)
     for start in square_open:
         runs.multiply(start, SQUARE)
-    return runs.merged() or [("", 1.0)]
+    merged = runs.merged() or [("", 1.0)]
+    # e.g. (cat:999...9): a weight beyond float32 becomes inf in the embeddings and the image black
+    bad = next((run for run in merged if not abs(run[1]) <= FLOAT32_MAX), None)
+    if bad is not None:
+        raise ValueError(f"prompt: the emphasis weight of {bad[0][:40]!r} is {bad[1]:.3g}, beyond float32")
+    return merged
 
 
 @dataclass

@@ -246,3 +246,10 @@ def test_emphasize_joint_mean_is_the_batch_mean():
     expected = z * weights[:, :, None] * (2 / (11 / 4))
     assert torch.allclose(emphasize(z, weights, joint_mean=True), expected)
     assert not torch.allclose(emphasize(z, weights), expected)
+
+
+@pytest.mark.parametrize("prompt", ["(cat:" + "9" * 400 + ")", "(((cat:" + "9" * 20 + "):" + "9" * 20 + "):" + "9" * 20 + ")"])
+def test_an_emphasis_weight_beyond_float32_is_refused_naming_the_prompt(prompt):
+    """Before, the weight reached the embeddings as inf (or nan) and the image came out black."""
+    with pytest.raises(ValueError, match="^prompt: the emphasis weight"):
+        parse_prompt_attention(prompt)

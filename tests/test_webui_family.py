@@ -235,11 +235,18 @@ def test_errors_name_the_argument(pipes):
              (dict(sampler="Euler", scheduler="Nope"), "scheduler"),
              (dict(sampler="Euler", rng="TPU"), "rng"),
              (dict(family="other"), "family"),
-             (dict(sampler="Euler", guidance_rescale=0.5), "guidance_rescale")]
+             (dict(sampler="Euler", guidance_rescale=0.5), "guidance_rescale"),
+             # before: an infinite weight made an all-black image; a megabyte prompt held the pipeline
+             (dict(sampler="Euler", prompt="(cat:" + "9" * 400 + ")"), "prompt: the emphasis weight"),
+             (dict(sampler="Euler", prompt="a cat AND a dog:" + "9" * 400), "prompt: the AND weight"),
+             (dict(sampler="Euler", prompt="x" * 20000), "prompt: 20000 characters"),
+             (dict(sampler="euler", a1111_prompts=True, prompt="(((x:" + "9" * 20 + "):" + "9" * 20 + "):" + "9" * 20 + ")"),
+              "prompt: the emphasis weight"),
+             (dict(sampler="Euler", negative_prompt="y" * 20000), "negative_prompt: 20000")]
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=name):
-            altdiff.generate(PROMPT, model=pipe, num_inference_steps=2, width=SIZE, height=SIZE,
-                             progress=False, **kwargs)
+            altdiff.generate(kwargs.pop("prompt", PROMPT), model=pipe, num_inference_steps=2, width=SIZE,
+                             height=SIZE, progress=False, **kwargs)
 
 
 def test_clip_skip_is_recorded_not_applied_as_the_webui_does_for_xlmr(pipes):
