@@ -50,8 +50,8 @@ def run_ref(ref, prompt=PROMPT):
 
 
 def run_alt(pipe, prompt=PROMPT, **kwargs):
-    return pipe.generate(prompt, generator=gen(), num_inference_steps=STEPS, output_type="np", progress=False,
-                         **kwargs).images
+    kwargs.setdefault("output_type", "np")
+    return pipe.generate(prompt, generator=gen(), num_inference_steps=STEPS, progress=False, **kwargs).images
 
 
 def alt(folder):
@@ -110,6 +110,14 @@ def test_lycoris_file_matches_lycoris(lyco, m9_folder, case):
         pipe.set_adapters("lyco", multiplier)
         images[multiplier] = run_alt(pipe)
         assert levels(images[multiplier], run_ref(ref)) <= 1, f"multiplier {multiplier}"
+        # and the latents (|x| up to ~20) within 2e-3: float drift is ~4e-4 here, a 1% scale error of the
+        # adapter moves them by 0.027 or more (checked below); a uint8 level of the image would let it through
+        ref_latents = torch.as_tensor(ref(PROMPT, generator=gen(), num_inference_steps=STEPS,
+                                          output_type="latent").images)
+        diff = (run_alt(pipe, output_type="latent") - ref_latents).abs().max().item()
+        assert diff <= 2e-3, (multiplier, diff)
+    pipe.set_adapters("lyco", 1.01 * max(MULTIPLIERS[case]))
+    assert (run_alt(pipe, output_type="latent") - ref_latents).abs().max() > 1e-2
     # Sensitivity: the adapter and its multiplier move the image by many levels.
     assert levels(images[1.0], lyco["plain"]) > 30
     if 0.5 in images:
