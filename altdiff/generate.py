@@ -693,6 +693,9 @@ def _hires_pass(pipe: Pipeline, samples: torch.Tensor, target: hires.HiresTarget
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         samples = _image_latents(pipe, pixels, len(seeds), generators, pipe.device, dtype).float().contiguous()
     samples = hires.truncate(samples, target)
+    if not hr.denoising_strength:
+        # setup_img2img_steps plans 0 steps: the webui's sampler walks an all-zero schedule and returns the input
+        return samples
     rng = ImageRNG(tuple(samples.shape[1:]), seeds, subseeds if webui.subseed_strength else None,
                    webui.subseed_strength, webui.source, pipe.device, webui.ensd)
     cfg = dict(common, cfg_scale=hr.hr_cfg if hr.hr_cfg is not None else common["cfg_scale"])

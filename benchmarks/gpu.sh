@@ -4,8 +4,8 @@
 # vocabulary (one folder for every stage; built by the first, ~1.5 min). The test-only oracles (diffusers
 # 0.35.2, transformers 4.57.6, accelerate for diffusers' offload, ...) travel as wheels in .whl/ (see
 # benchmarks/README.md). Each stage has its own time limit and writes its JSON after every block, so a stage
-# cut short or failing still leaves the others' results in $OUT. The limits add up to ~9.5 minutes, inside
-# one 10-minute device call; the compile stage (two UNets, then altdiff's text encoder, VAE decoder and
+# cut short or failing still leaves the others' results in $OUT. The limits add up to ~11.5 minutes: with a
+# 10-minute device call, run the speed stage in its own call (T_SPEED) or shorten the others; the compile stage (two UNets, then altdiff's text encoder, VAE decoder and
 # safety checker: ~3 minutes of compilation), the likeliest to run over, goes last.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/altdiff-gpu}
@@ -25,4 +25,6 @@ stage "${T_EAGER:-150}" eager $B --json "$OUT/eager.json" --blocks text_encoder 
     safety e2e throughput
 stage "${T_OFFLOAD:-90}" offload $B --json "$OUT/offload.json" --blocks offload --repeats 2
 stage "${T_LOAD:-55}" load $B --json "$OUT/load.json" --blocks load e2e --repeats 2
+# ToMe and DeepCache against tomesd / DeepCache (their wheels in .whl/ too), and the webui family's cost.
+stage "${T_SPEED:-120}" speed $B --json "$OUT/speed.json" --blocks tome deepcache webui_family --repeats 2
 stage "${T_COMPILED:-200}" compiled $B --json "$OUT/compiled.json" --blocks unet_compiled e2e_compiled --repeats 3
