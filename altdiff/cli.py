@@ -208,6 +208,7 @@ def _webui_options(args: argparse.Namespace, mask) -> dict:
 def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
     from .generate import generate
     from .pipeline import DEFAULT_MODEL, load
+    from .schedules import sampler_for_config
     from .webui_sampling import DEFAULT_SAMPLER
 
     model = args.model or DEFAULT_MODEL
@@ -222,8 +223,11 @@ def _run(args: argparse.Namespace, paths: list[Path], init, mask=None) -> int:
             print(save_png(img, path, text))
         return 0
     webui_options = _webui_options(args, mask)
-    # The webui family by default: the PNG's infotext is one the webui remakes into the same image.
-    sampler = args.sampler or DEFAULT_SAMPLER
+    # The webui family by default: the PNG's infotext is one the webui remakes into the same image. Adapters
+    # loaded into the pipeline (--lora, --embedding) are not prompt tags the webui would apply, so those runs
+    # keep the diffusers family and the model's own scheduler unless a webui sampler is named.
+    pipeline_adapters = (args.lora or args.embedding) and not webui_options
+    sampler = args.sampler or (sampler_for_config(pipe.scheduler_config) if pipeline_adapters else DEFAULT_SAMPLER)
     seed = random.randrange(2**32) if args.seed == -1 else args.seed
     written = iter(paths)
     for b in range(args.batch_count):

@@ -13,7 +13,7 @@ import torch
 from kdiffusion_oracle import external, sampling
 
 import altdiff
-from altdiff import infotext, prompts
+from altdiff import infotext, prompts, webui
 
 STEPS = 3
 SIZE = 32
@@ -494,3 +494,14 @@ def test_unipc_img2img_starts_at_the_strengths_timestep(pipes):
         handle.remove()
     assert len(calls) == 5 and torch.isfinite(out.images).all()
     assert "Denoising strength: 0.5" in out.infotexts[0]
+
+
+@pytest.mark.parametrize("label", [row["name"] for row in webui.samplers_list()])
+def test_every_sampler_round_trips_through_its_infotext(pipes, label):
+    """image -> its infotext -> generate(infotext=...) -> the same pixels, for each of the webui's samplers."""
+    pipe, _ = pipes
+    made = altdiff.generate(PROMPT, model=pipe, negative_prompt=NEGATIVE, sampler=label, num_inference_steps=4,
+                            width=SIZE, height=SIZE, seed=31, progress=False)
+    again = altdiff.generate(infotext=made.infotexts[0], model=pipe, progress=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(made.images[0]))
+    assert again.infotexts == made.infotexts and f"Sampler: {label}," in made.infotexts[0]
