@@ -214,9 +214,9 @@ def test_img2img_steps_follow_the_webui():
 
 
 def test_table_and_lookup():
-    """The webui's samplers_timesteps labels and aliases (UniPC not built yet)."""
+    """The webui's samplers_timesteps labels and aliases (UniPC: altdiff/unipc.py)."""
     assert {label: row.aliases for label, row in TIMESTEP_SAMPLERS.items()} == {
-        "DDIM": ("ddim",), "DDIM CFG++": ("ddim_cfgpp",), "PLMS": ("plms",)}
+        "DDIM": ("ddim",), "DDIM CFG++": ("ddim_cfgpp",), "PLMS": ("plms",), "UniPC": ("unipc",)}
     assert find_timestep_sampler("Ddim_CFGpp") == "DDIM CFG++"
     with pytest.raises(ValueError, match="sampler"):
         find_timestep_sampler("Euler")
