@@ -530,6 +530,24 @@ def test_a_disconnected_clients_queued_work_is_dropped(server):
     assert server.worker.stats["done"] == stats["done"] + 1  # the hold only: the dropped job never ran
 
 
+def test_a_disconnected_clients_running_job_stops_at_its_next_step(server):
+    """README: a client that disconnects has its running work dropped too: the job is cancelled and the
+    sampler stops at its next step instead of making all 150."""
+    calls = []
+    handle = server.worker.pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{server.url}/sdapi/v1/txt2img", timeout=1.5, json={
+                "prompt": "x", "steps": 150, "width": 128, "height": 128, "sampler_name": "Euler"})
+        deadline = time.monotonic() + 120
+        while server.worker.current is not None or not calls:
+            assert time.monotonic() < deadline, "the running job did not stop"
+            time.sleep(0.05)
+    finally:
+        handle.remove()
+    assert 0 < len(calls) < 150
+
+
 def test_interrupt_ends_the_job_at_the_next_step_and_returns_what_it_has(server):
     answer = {}
 
