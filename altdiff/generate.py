@@ -9,12 +9,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -28,22 +26,17 @@ from .checks import is_int, is_number, plain
 from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
 from .lora import text_encoder_scale
 from .networks import prompt_networks
-from .pipeline import DEFAULT_MODEL, Pipeline, load
 from .rng import SOURCES, ImageRNG, randn_tensor
 from .samplers import SAMPLERS, get_sampler
 from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 logger = logging.getLogger("altdiff")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
-
-# generate(model="source") cache: the last MAX_LOADED sources, keyed on the resolved path (or the hub id);
-# the lock makes two threads asking for one source share one load.
-MAX_LOADED = 2
-_loaded: OrderedDict[str, Pipeline] = OrderedDict()
-_loaded_lock = threading.Lock()
-
 
 class _Interrupted(Exception):
     def __init__(self, latents: torch.Tensor):
@@ -58,23 +51,6 @@ class GenerationResult:
     infotext: dict[str, str] = field(default_factory=dict)
     # The webui family: each image's infotext, as the webui >= 1.9 writes it (the webui remakes the image).
     infotexts: list[str] = field(default_factory=list)
-
-
-def get_model(model: Pipeline | str | None) -> Pipeline:
-    """A Pipeline as is; a source string (default BAAI/AltDiffusion-m9) loaded once and cached."""
-    if isinstance(model, Pipeline):
-        return model
-    source = DEFAULT_MODEL if model is None else model
-    if not isinstance(source, str):
-        raise TypeError(f"model: expected an altdiff.Pipeline or a source string, got {type(model).__name__}")
-    key = str(Path(source).resolve()) if Path(source).exists() else source.strip()
-    with _loaded_lock:
-        if key not in _loaded:
-            _loaded[key] = load(source)
-            while len(_loaded) > MAX_LOADED:
-                _loaded.popitem(last=False)
-        _loaded.move_to_end(key)
-        return _loaded[key]
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float):
@@ -740,7 +716,7 @@ def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_n
         for i, (p, neg) in enumerate(zip(all_prompts, all_negatives))]
 
 
-def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | None = None,
+def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
              image: ImageInput | None = None, strength: float = 0.8, height: int | None = None,
              width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
              negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
@@ -761,8 +737,8 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
              s_min_uncond: float = 0.0, inpaint_options: inpaint.InpaintOptions | dict | None = None,
              hires: hires.HiresOptions | dict | None = None, token_merging_ratio: float | None = None,
              infotext: str | Path | PIL.Image.Image | None = None):
-    """Text-to-image, or image-to-image when `image` is given. Arguments as in diffusers' AltDiffusion
-    pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
+    """Text-to-image, or image-to-image when `image` is given, on the Pipeline `model` (`altdiff.generate` also
+    takes a source string: altdiff.pipeline.get_model). Arguments as in diffusers' AltDiffusion pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
     AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
@@ -814,7 +790,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | str | N
     elif seed is not None:
         generator = _generators_from_seed(seed)
     total = batch_size * num_images_per_prompt
-    pipe = get_model(model)
+    pipe = model
     webui_inpaint = family == "webui" and mask_image is not None  # the webui's mask handling sizes the image
     init_image, shape = _check_for_model(pipe, None if webui_inpaint else image, height, width, latents,
                                          prompt_embeds, negative_prompt_embeds, total,

@@ -1,8 +1,12 @@
-"""`Pipeline`: the loaded components plus their switches, and `load()` that builds one from a source."""
+"""`Pipeline`: the loaded components plus their switches; `load()` that builds one from a source; and the public
+`generate()`, which takes a Pipeline or a source string (loaded once, the last few kept) and runs
+altdiff.generate's loop on it."""
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,6 +21,8 @@ from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (DTYPES: we
 from .config import ModelIndex, SchedulerConfig
 from .deepcache import DeepCache
 from .fast_unet import FastUNet, set_compiled, state_key
+from .generate import encode_prompt as _encode_prompt
+from .generate import generate as _generate
 from .hub import resolve
 from .offload import MODES, Offload, execution_device, released
 from .offload import enable as enable_offload
@@ -168,9 +174,7 @@ class Pipeline:
         return self._fast_unet
 
     def generate(self, prompt=None, **kwargs):
-        from .generate import generate
-
-        return generate(prompt, model=self, **kwargs)
+        return _generate(prompt, model=self, **kwargs)
 
     __call__ = generate
 
@@ -178,10 +182,8 @@ class Pipeline:
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
                       clip_skip=None, *, a1111_prompts: bool = False):
         """diffusers' signature and return: (prompt_embeds, negative_prompt_embeds)."""
-        from .generate import encode_prompt
-
         with self.lock, self.running():  # running()'s exit releases offloaded weights: not under a generate()
-            return encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+            return _encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
                                  negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
                                  a1111_prompts=a1111_prompts)
 
@@ -358,3 +360,33 @@ def _load(source, device: torch.device, dtype: torch.dtype, variant, safety_chec
         safety_checker=checker,
         source=str(source),
     )
+
+
+# generate(model="source") cache: the last MAX_LOADED sources, keyed on the resolved path (or the hub id);
+# the lock makes two threads asking for one source share one load.
+MAX_LOADED = 2
+_loaded: OrderedDict[str, Pipeline] = OrderedDict()
+_loaded_lock = threading.Lock()
+
+
+def get_model(model: Pipeline | str | None) -> Pipeline:
+    """A Pipeline as is; a source string (default BAAI/AltDiffusion-m9) loaded once and cached."""
+    if isinstance(model, Pipeline):
+        return model
+    source = DEFAULT_MODEL if model is None else model
+    if not isinstance(source, str):
+        raise TypeError(f"model: expected an altdiff.Pipeline or a source string, got {type(model).__name__}")
+    key = str(Path(source).resolve()) if Path(source).exists() else source.strip()
+    with _loaded_lock:
+        if key not in _loaded:
+            _loaded[key] = load(source)
+            while len(_loaded) > MAX_LOADED:
+                _loaded.popitem(last=False)
+        _loaded.move_to_end(key)
+        return _loaded[key]
+
+
+@functools.wraps(_generate)
+def generate(prompt=None, *, model: Pipeline | str | None = None, **kwargs):
+    # A source string is loaded before the loop checks the other arguments.
+    return _generate(prompt, model=get_model(model), **kwargs)

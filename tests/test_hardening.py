@@ -743,7 +743,7 @@ def test_the_pickle_payload_is_live(tmp_path):
 
 def test_concurrent_generate_with_a_model_string_loads_it_once(m9_folder, monkeypatch):
     """Two threads naming one model (by two spellings of its path) share one load; the cache is bounded."""
-    generate_module = importlib.import_module("altdiff.generate")  # altdiff.generate is also the function
+    generate_module = importlib.import_module("altdiff.pipeline")  # home of the generate(model="...") cache
 
     real, loads = generate_module.load, []
 
