@@ -462,8 +462,9 @@ def _listing(items: list[str], limit: int = 8) -> str:
 
 def _state(pipe: Pipeline) -> LoraState:
     if pipe.lora is None:
-        pipe.lora = LoraState()
-        pipe.lora.unet_hook = pipe.unet.register_forward_pre_hook(pipe.lora.read_unet_scale, with_kwargs=True)
+        state = LoraState()
+        state.unet_hook = pipe.unet.register_forward_pre_hook(state.read_unet_scale, with_kwargs=True)
+        pipe.set_lora_state(state)
     return pipe.lora
 
 
@@ -603,7 +604,7 @@ def unload_lora_weights(pipe: Pipeline) -> None:
         for layer in state.layers.values():
             layer.handle.remove()
         state.unet_hook.remove()
-        pipe.lora = None
+        pipe.set_lora_state(None)
 
 
 @contextmanager

@@ -135,7 +135,7 @@ class Offload:
         if self.stored:
             self._offload(dict.fromkeys(module for module, _ in self.stored))
         if self.current is self.pipe.unet:
-            self.pipe._fast_unet = None  # its recording points at the copies just dropped
+            self.pipe.invalidate_runner()  # its recording points at the copies just dropped
         self.current = None
 
     def remove(self) -> None:
@@ -147,17 +147,15 @@ class Offload:
 
 def enable(pipe: Pipeline, mode: str, device: torch.device) -> Offload:
     """Put `pipe` under `mode` offload to `device` (tests pass the CPU: the moves then copy CPU tensors)."""
-    if pipe.offload is not None:
-        pipe.offload.remove()
-        pipe.offload = None
+    pipe.remove_all_hooks()
     for name in COMPONENTS:
         component = getattr(pipe, name)
         if component is not None:
             component.to("cpu")
-    pipe._fast_unet = None
+    pipe.invalidate_runner()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    pipe.offload = Offload(pipe, mode, device)
+    pipe.set_offload(Offload(pipe, mode, device))
     return pipe.offload
 
 

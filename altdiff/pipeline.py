@@ -78,8 +78,8 @@ class Pipeline:
     source: str = ""
     # One generate() at a time per Pipeline: the modules and their switches are shared state.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # LoRA / LoHa / LoKr adapters (hooks on the UNet and text encoder), set by load_lora_weights.
-    lora: lora_adapters.LoraState | None = field(default=None, repr=False)
+    # LoRA / LoHa / LoKr adapters (hooks on the UNet and text encoder): altdiff.lora sets it (set_lora_state).
+    _lora: lora_adapters.LoraState | None = field(default=None, repr=False, init=False)
     # How generate() runs the UNet (altdiff.fast_unet): recorded as CUDA graphs on CUDA, torch.compile'd
     # when asked. Built on first use, rebuilt when weights or switches change.
     compile: bool = False
@@ -88,8 +88,29 @@ class Pipeline:
     # diffusers' convention: a callback_on_step_end sets `pipe._interrupt = True` to end sampling after the
     # current step; generate() then decodes the latents it has. Cleared when generate() starts.
     _interrupt: bool = field(default=False, repr=False)
-    # enable_model_cpu_offload / enable_sequential_cpu_offload (altdiff.offload).
-    offload: Offload | None = field(default=None, repr=False)
+    # enable_model_cpu_offload / enable_sequential_cpu_offload: altdiff.offload sets it (set_offload).
+    _offload: Offload | None = field(default=None, repr=False, init=False)
+
+    @property
+    def lora(self) -> lora_adapters.LoraState | None:
+        return self._lora
+
+    def set_lora_state(self, state: lora_adapters.LoraState | None) -> None:
+        self._lora = state
+
+    @property
+    def offload(self) -> Offload | None:
+        return self._offload
+
+    def set_offload(self, offload: Offload | None) -> None:
+        """Install (or with None, drop) the offload hooks' state; the UNet's recording no longer fits."""
+        self._offload = offload
+        self.invalidate_runner()
+
+    def invalidate_runner(self) -> None:
+        """Forget the recorded / compiled UNet (its recording points at weights that moved); the next
+        unet_runner() builds one again."""
+        self._fast_unet = None
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +160,7 @@ class Pipeline:
         """Turn offload off; every component stays on the CPU (move the pipeline with `to()`)."""
         if self.offload is not None:
             self.offload.remove()
-            self.offload = None
+            self.set_offload(None)
 
     @contextmanager
     def running(self) -> Iterator[None]:

@@ -130,7 +130,7 @@ def test_compiled_forward_steps_aside_for_hooks_inside(m9_folder, no_inductor):
 
 def test_unfused_lora_runs_the_plain_unet(m9_folder, no_inductor):
     pipe = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
-    pipe.lora = LoraState(weights={"style": {"unet": 1.0, "text_encoder": 1.0}})
+    pipe.set_lora_state(LoraState(weights={"style": {"unet": 1.0, "text_encoder": 1.0}}))
     assert pipe.unet_runner() is pipe.unet
     pipe.lora.fused = {"style"}  # fused adapters live in the weights: compiling is fine
     assert isinstance(pipe.unet_runner(), fast_unet.FastUNet)
