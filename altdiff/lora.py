@@ -138,17 +138,28 @@ class Lora:
         if "alpha" in tensors and tensors["alpha"].numel() != 1:
             raise ValueError(f"alpha must be one number, got shape {tuple(tensors['alpha'].shape)}")
         weight = module.weight
+        # Kept where the base weight rests (the CPU under offload); `cached` holds a copy for another device or
+        # dtype (the pipeline moved, or offload runs it on the GPU) until `release()`.
         self.down = down.to(weight.device, weight.dtype)
         self.up = up.to(weight.device, weight.dtype)
+        self.cached: tuple[tuple[torch.device, torch.dtype], torch.Tensor, torch.Tensor] | None = None
         self.scale = _scale(tensors.get("alpha"), rank)
 
-    def __call__(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        if self.down.dtype != x.dtype or self.down.device != x.device:  # the pipeline moved since loading
-            self.down, self.up = self.down.to(x), self.up.to(x)
+    def __call__(self, x: torch.Tensor, module: nn.Module, cache: bool = True) -> torch.Tensor:
+        down, up = self.down, self.up
+        if (down.device, down.dtype) != (x.device, x.dtype):
+            if self.cached is not None and self.cached[0] == (x.device, x.dtype):
+                down, up = self.cached[1:]
+            else:
+                down, up = down.to(x), up.to(x)
+                self.cached = ((x.device, x.dtype), down, up) if cache else None
         if isinstance(module, nn.Conv2d):
-            h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation, module.groups)
-            return F.conv2d(h, self.up)
-        return F.linear(F.linear(x, self.down), self.up)
+            h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
+            return F.conv2d(h, up)
+        return F.linear(F.linear(x, down), up)
+
+    def release(self) -> None:
+        self.cached = None
 
     def weight_delta(self) -> torch.Tensor:
         """scale * delta W in fp32, shaped like the base weight."""
@@ -158,7 +169,8 @@ class Lora:
 
 class _Rebuilt:
     """A kind whose delta W is rebuilt from its factors (in fp32) and applied as one weight, as LyCORIS and the
-    webui do for LoHa and LoKr."""
+    webui do for LoHa and LoKr. The factors rest where the base weight rests; the rebuilt delta W is kept for
+    the device and dtype of the last call (the factors never change after loading) until `release()`."""
 
     kind = ""
     parts: tuple[str, ...] = ()
@@ -169,6 +181,7 @@ class _Rebuilt:
         weight = module.weight
         self.factors = {k: v.to(weight.device, torch.float32) for k, v in tensors.items() if k != "alpha"}
         self.shape = tuple(weight.shape)
+        self.cached: tuple[tuple[torch.device, torch.dtype], torch.Tensor] | None = None
         try:
             delta = self.rebuild()
         except RuntimeError as e:  # factors that do not multiply
@@ -180,16 +193,27 @@ class _Rebuilt:
     def _shapes(self) -> str:
         return f"{self.kind} factors " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.factors.items())
 
-    def rebuild(self) -> torch.Tensor:
+    def rebuild(self, device: torch.device | None = None) -> torch.Tensor:
+        """delta W (unscaled, fp32) computed on `device` (default: where the factors rest)."""
         raise NotImplementedError
 
     def dim(self) -> int | None:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        if next(iter(self.factors.values())).device != x.device:
-            self.factors = {k: v.to(x.device) for k, v in self.factors.items()}
-        return _apply(x, self.rebuild().reshape(self.shape).to(x.dtype), module)
+    def _on(self, device: torch.device | None) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in self.factors.items()} if device is not None else self.factors
+
+    def __call__(self, x: torch.Tensor, module: nn.Module, cache: bool = True) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if self.cached is not None and self.cached[0] == key:
+            delta = self.cached[1]
+        else:
+            delta = self.rebuild(x.device).reshape(self.shape).to(x.dtype)
+            self.cached = (key, delta) if cache else None
+        return _apply(x, delta, module)
+
+    def release(self) -> None:
+        self.cached = None
 
     def weight_delta(self) -> torch.Tensor:
         return self.scale * self.rebuild().reshape(self.shape)
@@ -202,8 +226,8 @@ class Loha(_Rebuilt):
     kind = "LoHa"
     parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
 
-    def rebuild(self) -> torch.Tensor:
-        f = self.factors
+    def rebuild(self, device: torch.device | None = None) -> torch.Tensor:
+        f = self._on(device)
 
         def factor(i: int) -> torch.Tensor:
             a, b, t = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"], f.get(f"hada_t{i}")
@@ -221,8 +245,8 @@ class Lokr(_Rebuilt):
     kind = "LoKr"
     parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
 
-    def rebuild(self) -> torch.Tensor:
-        f = self.factors
+    def rebuild(self, device: torch.device | None = None) -> torch.Tensor:
+        f = self._on(device)
         w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
         if "lokr_w2" in f:
             w2 = f["lokr_w2"]
@@ -282,17 +306,26 @@ class LoraState:
     tagged: dict[Path, tuple[tuple[int, int], str]] = field(default_factory=dict)  # file → (stamp, adapter)
     unet_hook: torch.utils.hooks.RemovableHandle | None = None
 
-    def hook(self, layer: LoraLayer):
+    def hook(self, layer: LoraLayer, pipe: Pipeline):
         def add_lora(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if not self.enabled:
                 return output
             runtime = self.scale[layer.model] if layer.runtime_scaled else 1.0
+            # Sequential offload brings each weight over for one call only; so do the adapters.
+            cache = pipe.offload is None or pipe.offload.mode != "sequential"
             for name, weights in self.weights.items():
                 adapter = layer.adapters.get(name)
                 if adapter is not None and name not in self.fused:
-                    output = output + adapter(inputs[0], module) * (weights[layer.model] * adapter.scale * runtime)
+                    output = output + adapter(inputs[0], module, cache) * (
+                        weights[layer.model] * adapter.scale * runtime)
             return output
         return add_lora
+
+    def release(self) -> None:
+        """Drop the adapters' copies made for another device or dtype (offload's end of a generation)."""
+        for layer in self.layers.values():
+            for adapter in layer.adapters.values():
+                adapter.release()
 
     def read_unet_scale(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # UNet.forward(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs); the
@@ -491,7 +524,7 @@ def _attach(pipe: Pipeline, name: str, adapters: dict[tuple[str, str], AdapterMo
             module = getattr(pipe, model).get_submodule(module_path)
             scaled = not (model == "unet" and module_path.startswith(_UNSCALED_UNET_LAYERS))
             layer = state.layers[(model, module_path)] = LoraLayer(module, model, scaled)
-            layer.handle = module.register_forward_hook(state.hook(layer))
+            layer.handle = module.register_forward_hook(state.hook(layer, pipe))
         layer.adapters[name] = adapter
 
 

@@ -134,6 +134,8 @@ class Offload:
         """Every weight back to its CPU tensor (end of a generation; before another component loads)."""
         if self.stored:
             self._offload(dict.fromkeys(module for module, _ in self.stored))
+        if self.pipe.lora is not None:
+            self.pipe.lora.release()  # their copies on the execution device go with the weights
         if self.current is self.pipe.unet:
             self.pipe.invalidate_runner()  # its recording points at the copies just dropped
         self.current = None
@@ -152,6 +154,8 @@ def enable(pipe: Pipeline, mode: str, device: torch.device) -> Offload:
         component = getattr(pipe, name)
         if component is not None:
             component.to("cpu")
+    if pipe.lora is not None:
+        pipe.lora.release()
     pipe.invalidate_runner()
     if device.type == "cuda":
         torch.cuda.empty_cache()

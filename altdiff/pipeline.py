@@ -142,6 +142,8 @@ class Pipeline:
         for module in (self.text_encoder, self.unet, self.vae, self.__dict__["_safety_checker"]):
             if isinstance(module, torch.nn.Module):  # a Later is read onto the device and dtype of that time
                 module.to(device=device, dtype=dtype)
+        if self.lora is not None:
+            self.lora.release()  # adapter copies made for the old device or dtype
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import altdiff
+from altdiff import lora, offload
 from altdiff.weights import WeightsError
 
 PROMPT = "一只戴着帽子的猫"
@@ -459,3 +460,45 @@ def test_textual_inversion_errors_leave_model_unchanged(m18_folder, tmp_path):
     assert_unchanged(pipe, before, vocab)
     ok = _write_embedding("diffusers_safetensors", tmp_path / "ok.safetensors", torch.randn(32), "<ok>")
     assert pipe.load_textual_inversion(ok) == ["<ok>"]
+
+
+def _cached(pipe) -> list:
+    return [adapter.cached for layer in pipe.lora.layers.values() for adapter in layer.adapters.values()
+            if adapter.cached is not None]
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_with_lora_and_textual_inversion(lora_m9, m9_folder, tmp_path, mode):
+    """The same image with and without offload when a LoRA and an embedding are loaded. The pipeline runs in
+    bf16 while the adapter's factors rest in fp32, so each call needs a converted copy of them, as it does on
+    a GPU under offload: model offload keeps the copies for the generation and drops them with the weights;
+    sequential offload makes one per call; without offload they are kept."""
+    token = "<hat-cat>"
+    embedding = _write_embedding("diffusers_safetensors", tmp_path / "hat-cat.safetensors",
+                                 torch.randn(2, 32) * 3, token)
+    pipes = {}
+    for name in ("plain", mode):
+        pipe = alt(m9_folder)
+        pipe.load_lora_weights(lora_m9["kohya"], adapter_name="style")
+        pipe.load_textual_inversion(embedding)
+        if name != "plain":
+            offload.enable(pipe, mode, torch.device("cpu"))
+        pipe.to(dtype=torch.bfloat16)
+        pipes[name] = pipe
+    prompt = f"a {token} in the rain"
+    seen = []
+    original = lora.Lora.__call__
+
+    def spy(adapter, x, module, cache=True):
+        seen.append(cache)
+        return original(adapter, x, module, cache)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora.Lora, "__call__", spy)
+        images = run_alt(pipes[mode], prompt)
+    assert seen and set(seen) == {mode == "model"}
+    assert pipes[mode].offload.stored == {} and _cached(pipes[mode]) == []
+    plain = run_alt(pipes["plain"], prompt)
+    assert len(_cached(pipes["plain"])) == len(pipes["plain"].lora.layers) > 0  # kept without offload
+    assert np.array_equal(images, plain)
+    pipes["plain"].disable_lora()
+    assert levels(run_alt(pipes["plain"], prompt), plain) > 10  # the LoRA moves the image

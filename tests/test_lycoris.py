@@ -227,3 +227,24 @@ def test_runtime_scale_acts_on_loha_as_on_lora(lyco, m9_folder):
             assert (pipe.unet(sample, 10, context) - expected).abs().max() > 0.01  # 100x the tolerance
     finally:
         set_multiplier(net, 1.0)
+
+
+def test_loha_delta_is_rebuilt_once_until_released(lyco, m9_folder, monkeypatch):
+    """LoHa's delta W is rebuilt once per layer, not on every call (the text encoder runs twice and the UNet
+    once per step), kept across generations, and under sequential offload made per call and never kept."""
+    from altdiff import lora, offload
+
+    rebuilds = []
+    original = lora.Loha.rebuild
+    monkeypatch.setattr(lora.Loha, "rebuild", lambda self, device=None: rebuilds.append(self) or original(self, device))
+    pipe = alt(m9_folder)
+    pipe.load_lora_weights(lyco["cases"]["loha"]["path"], adapter_name="lyco")
+    layers = [a for layer in pipe.lora.layers.values() for a in layer.adapters.values()]
+    rebuilds.clear()
+    first = run_alt(pipe)
+    assert len(rebuilds) == len(set(map(id, rebuilds))) == len(layers)
+    rebuilds.clear()
+    assert np.array_equal(run_alt(pipe), first) and rebuilds == []
+    offload.enable(pipe, "sequential", torch.device("cpu"))
+    assert np.array_equal(run_alt(pipe), first)
+    assert len(rebuilds) > 2 * len(layers) and all(a.cached is None for a in layers)
