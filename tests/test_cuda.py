@@ -171,3 +171,49 @@ def test_safetensors_read_straight_onto_the_gpu(m9_folder):
     pipe = altdiff.load(m9_folder, device="cuda", dtype=torch.float16)  # three components in parallel threads
     assert all(p.device.type == "cuda" and p.dtype == torch.float16
                for m in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.safety_checker) for p in m.parameters())
+
+
+def test_compiled_decoder_and_safety_checker_on_cuda(m9_folder):
+    """compile=True through the whole pipeline to pixels: the compiled VAE decoder and safety checker run
+    (latent output skips both) and give the eager pipeline's images."""
+    fast = altdiff.load(m9_folder, device="cuda", dtype=torch.float32, compile=True)
+    plain = altdiff.load(m9_folder, device="cuda", dtype=torch.float32, cuda_graphs=False)
+    kw = dict(num_inference_steps=STEPS, output_type="np", progress=False, seed=0, height=64, width=64)
+    a, b = fast.generate(PROMPT, **kw), plain.generate(PROMPT, **kw)
+    for module in (fast.vae.decoder, fast.safety_checker.vision_model):
+        compiled = module.__dict__.get("forward")
+        assert isinstance(compiled, fast_unet.CompiledForward) and compiled.fn is not None and not compiled.failed
+    assert levels(a.images, b.images) <= 2  # TF32 convolutions
+    assert a.nsfw_content_detected == b.nsfw_content_detected
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_with_lora_leaves_nothing_on_the_gpu(m9_folder, tmp_path, mode):
+    """LoRA factors rest on the CPU with the weights: after a generation under offload the GPU holds what it
+    held before (before the fix they moved to the GPU at the first step and stayed)."""
+    from test_adapters import add_peft_lora, save_peft
+
+    ref = tiny.load_reference(m9_folder)
+    lora_file = save_peft(ref, add_peft_lora(ref, seed=1), tmp_path / "peft")
+    plain = altdiff.load(m9_folder, device="cuda", dtype=torch.float16)
+    pipe = altdiff.load(m9_folder, device="cuda", dtype=torch.float16, offload=mode)
+    for p in (plain, pipe):
+        p.load_lora_weights(lora_file)
+    kw = dict(num_inference_steps=STEPS, output_type="np", progress=False, seed=0)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    images = pipe.generate(PROMPT, **kw).images
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    assert all(a.cached is None for layer in pipe.lora.layers.values() for a in layer.adapters.values())
+    assert all(a.down.device.type == "cpu" for layer in pipe.lora.layers.values() for a in layer.adapters.values())
+    assert np.array_equal(images, plain.generate(PROMPT, **kw).images)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_load_on_the_current_gpu(m9_folder):
+    """device="cuda" is the caller's current GPU, also for the loader threads (whose own current GPU is 0)."""
+    with torch.cuda.device(1):
+        pipe = altdiff.load(m9_folder, device="cuda", dtype=torch.float16)
+    assert {p.device for m in (pipe.text_encoder, pipe.unet, pipe.vae) for p in m.parameters()} == {
+        torch.device("cuda", 1)}

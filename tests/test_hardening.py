@@ -761,3 +761,22 @@ def test_concurrent_generate_with_a_model_string_loads_it_once(m9_folder, monkey
         monkeypatch.setattr(generate_module, "load", lambda source, **kw: object())
         generate_module.get_model(f"org/model-{k}")
     assert len(generate_module._loaded) == generate_module.MAX_LOADED
+
+
+def test_loader_threads_get_the_callers_current_gpu(m9_folder, monkeypatch):
+    """load(device="cuda") reads its components in threads, whose own current GPU is GPU 0: each reader must
+    be given the caller's current GPU explicitly (d931901). Run on the CPU with the readers recording what
+    they are given (test_cuda.py loads on a second GPU when there is one)."""
+    from altdiff import pipeline
+
+    given = []
+    for name in ("load_unet", "load_text_encoder", "load_vae"):
+        real = getattr(pipeline, name)
+
+        def reader(folder, dtype, device, variant, real=real):
+            given.append(device)
+            return real(folder, dtype=dtype, device="cpu", variant=variant)
+        monkeypatch.setattr(pipeline, name, reader)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    pipeline._load(m9_folder, torch.device("cuda"), torch.float32, None, False, None, None)
+    assert given == [torch.device("cuda", 1)] * 3
