@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Router
 
 from . import __version__, checks, webui
-from .api import control, errors, extras, generation, lists, options, page
+from .api import control, errors, extras, generation, lists, models, options, page
 from .api.worker import Job, Worker
 from .atomic import remove_stale_temps
 from .batch import ray_gpus_per_actor
@@ -134,6 +135,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     errors.install(app)
     for router in (generation.router, options.router, lists.router, control.router, extras.router, page.router):
         app.include_router(router)
+    schema = app.openapi
+    app.openapi = lambda: models.with_limits(
+        copy.deepcopy(schema()), config.limits, list(dict.fromkeys(n for m in worker.models for n in (m.title, m.model_name))))
     return app
 
 

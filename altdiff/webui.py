@@ -25,11 +25,11 @@ import PIL.Image
 
 from . import __version__, inpaint, webui_sampling
 from .checks import SEED_MAX, is_int, is_number
-from .hires import HiresOptions
+from .hires import HiresError, HiresOptions
 from .hires import target as hires_target
 from .images import to_rgb
 from .infotext import parse, to_generate_kwargs
-from .inpaint import InpaintOptions
+from .inpaint import InpaintError, InpaintOptions
 from .k_schedules import SCHEDULE_TYPES, find_schedule_type
 from .timestep_samplers import TIMESTEP_SAMPLERS
 
@@ -204,6 +204,20 @@ def _check_inert(request: dict) -> None:
             raise FieldError(name, f"seed resizing is not supported (accepted: 0 or -1), got {request[name]!r}")
 
 
+def field_ranges(limits: Limits) -> dict[str, tuple[int | float, int | float]]:
+    """[low, high] of each numeric request field, as the checks below apply them and /openapi.json shows them.
+    Width and height are also multiples of 8 with width x height <= limits.max_pixels; seed + the image count
+    stays within SEED_MAX."""
+    return {"width": (8, 2**16), "height": (8, 2**16), "steps": (1, limits.max_steps),
+            "batch_size": (1, limits.max_batch_size), "n_iter": (1, limits.max_n_iter), "cfg_scale": (0.0, 100.0),
+            "seed": (-1, SEED_MAX), "subseed": (-1, SEED_MAX), "subseed_strength": (0.0, 1.0), "eta": (0.0, 1.0),
+            "s_min_uncond": (0.0, 1e4), "denoising_strength": (0.0, 1.0), "resize_mode": (0, 3),
+            "mask_blur_x": (0, 256), "mask_blur_y": (0, 256), "mask_blur": (0, 256),
+            "inpaint_full_res_padding": (0, 256),
+            "inpainting_fill": (0, 3), "inpainting_mask_invert": (0, 1), "hr_scale": (0.0, 16.0),
+            "hr_second_pass_steps": (0, limits.max_steps), "hr_resize_x": (0, 2**16), "hr_resize_y": (0, 2**16)}
+
+
 def _check_int(request: dict, name: str, low: int, high: int, default: int) -> int:
     value = request.get(name, default)
     if value is None:
@@ -227,6 +241,7 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     """A checked Task from a txt2img (or img2img) request; `options` are the server's current webui options,
     `models` the names a request may use for a model, `lora_dir` / `embeddings_dir` the server's folders."""
     _check_inert(request)
+    r = field_ranges(limits)
     for name in ("prompt", "negative_prompt"):
         if not isinstance(request.get(name) or "", str):
             raise FieldError(name, f"expected a string, got {type(request[name]).__name__}")
@@ -259,22 +274,22 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
     if img2img and "token_merging_ratio" not in overrides:
         ratio = merging["token_merging_ratio_img2img"] or ratio
 
-    width = _check_int(request, "width", 8, 2**16, 512)
-    height = _check_int(request, "height", 8, 2**16, 512)
+    width = _check_int(request, "width", *r["width"], 512)
+    height = _check_int(request, "height", *r["height"], 512)
     for name, value in (("width", width), ("height", height)):
         if value % 8:
             raise FieldError(name, f"must be a multiple of 8, got {value}")
     if width * height > limits.max_pixels:
         raise FieldError("width", f"{width}x{height} is more than the server's limit of {limits.max_pixels} "
                          "pixels per image")
-    steps = _check_int(request, "steps", 1, limits.max_steps, 50)
-    batch_size = _check_int(request, "batch_size", 1, limits.max_batch_size, 1)
-    n_iter = _check_int(request, "n_iter", 1, limits.max_n_iter, 1)
-    cfg_scale = _check_number(request, "cfg_scale", 0.0, 100.0, 7.0)
+    steps = _check_int(request, "steps", *r["steps"], 50)
+    batch_size = _check_int(request, "batch_size", *r["batch_size"], 1)
+    n_iter = _check_int(request, "n_iter", *r["n_iter"], 1)
+    cfg_scale = _check_number(request, "cfg_scale", *r["cfg_scale"], 7.0)
     # seed + i of every image must be a seed torch takes (checks.SEED_MAX); -1 picks one.
     seed = _check_int(request, "seed", -1, SEED_MAX - batch_size * n_iter + 1, -1)
     subseed = _check_int(request, "subseed", -1, SEED_MAX - batch_size * n_iter + 1, -1)
-    subseed_strength = _check_number(request, "subseed_strength", 0.0, 1.0, 0.0)
+    subseed_strength = _check_number(request, "subseed_strength", *r["subseed_strength"], 0.0)
     if subseed_strength > 0 and img2img:
         raise FieldError("subseed_strength", "variation seeds are supported for txt2img only")
 
@@ -284,13 +299,13 @@ def parse_task(request: dict, *, img2img: bool, limits: Limits, options: dict, m
             raise FieldError(name, f"expected a string, got {type(request[name]).__name__}")
     sampler, sampler_name, scheduler = resolve_sampler(request.get("sampler_name") or request.get("sampler_index"),
                                          request.get("scheduler"), sampler_field)
-    eta = _check_number(request, "eta", 0.0, 1.0, None)  # the webui accepts any eta with any sampler
-    s_min_uncond = _check_number(request, "s_min_uncond", 0.0, 1e4, 0.0)
+    eta = _check_number(request, "eta", *r["eta"], None)  # the webui accepts any eta with any sampler
+    s_min_uncond = _check_number(request, "s_min_uncond", *r["s_min_uncond"], 0.0)
 
     init_image = strength = mask = inpaint_options = hires_options = None
     if img2img:
         init_image, mask, inpaint_options = _img2img_images(request, width, height, limits)
-        strength = _check_number(request, "denoising_strength", 0.0, 1.0, 0.75)
+        strength = _check_number(request, "denoising_strength", *r["denoising_strength"], 0.75)
         if int(steps * strength) < 1:
             raise FieldError("denoising_strength", f"{strength} of {steps} steps runs no step; raise either")
     elif request.get("enable_hr"):
@@ -407,29 +422,32 @@ def _img2img_images(request: dict, width: int, height: int, limits: Limits):
     images = request.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
         raise FieldError("init_images", "expected a list of one base64 image")
+    r = field_ranges(limits)
     image = decode_image(images[0], "init_images.0", limits.max_upload_pixels)
-    resize_mode = _check_int(request, "resize_mode", 0, 3, 0)
+    resize_mode = _check_int(request, "resize_mode", *r["resize_mode"], 0)
     if not request.get("mask"):
         if resize_mode == 3:
             raise FieldError("resize_mode", "3 (latent resize) is supported with a mask only")
         return inpaint.resize_image(resize_mode, to_rgb(image), width, height), None, None
     mask = decode_image(request["mask"], "mask", limits.max_upload_pixels)
-    fields = {name: _check_int(request, name, 0, 256, default) for name, default in
+    fields = {name: _check_int(request, name, *r[name], default) for name, default in
               (("mask_blur_x", 4), ("mask_blur_y", 4), ("inpaint_full_res_padding", 0))}
     if request.get("mask_blur") is not None:  # the webui's setter: both axes
-        fields["mask_blur_x"] = fields["mask_blur_y"] = _check_int(request, "mask_blur", 0, 256, 4)
+        fields["mask_blur_x"] = fields["mask_blur_y"] = _check_int(request, "mask_blur", *r["mask_blur"], 4)
     try:
-        options = InpaintOptions(**fields, inpainting_fill=_check_int(request, "inpainting_fill", 0, 3, 0),
+        options = InpaintOptions(**fields, inpainting_fill=_check_int(request, "inpainting_fill", *r["inpainting_fill"], 0),
                                  inpaint_full_res=bool(request.get("inpaint_full_res", True)),
-                                 inpainting_mask_invert=bool(_check_int(request, "inpainting_mask_invert", 0, 1, 0)),
+                                 inpainting_mask_invert=bool(
+                                     _check_int(request, "inpainting_mask_invert", *r["inpainting_mask_invert"], 0)),
                                  mask_round=bool(request.get("mask_round", True)), resize_mode=resize_mode)
-    except ValueError as e:
+    except InpaintError as e:  # its messages start with the field (FieldErrors of the checks pass through)
         raise FieldError(str(e).split(" ")[0], str(e)) from None
     return image, mask, options
 
 
 def _hires(request: dict, width: int, height: int, limits: Limits) -> HiresOptions:
     """The hires fix of a txt2img request (enable_hr), its second pass within the server's limits."""
+    r = field_ranges(limits)
     for name in ("hr_upscaler", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
         if not isinstance(request.get(name) or "", str):
             raise FieldError(name, f"expected a string, got {type(request[name]).__name__}")
@@ -441,17 +459,17 @@ def _hires(request: dict, width: int, height: int, limits: Limits) -> HiresOptio
         resolve_sampler(None, scheduler, "hr_scheduler")
     try:
         options = HiresOptions(
-            hr_scale=_check_number(request, "hr_scale", 0.0, 16.0, 2.0),
+            hr_scale=_check_number(request, "hr_scale", *r["hr_scale"], 2.0),
             # the webui's latent_upscale_default_mode when none is named
             hr_upscaler=request.get("hr_upscaler") or "Latent",
-            hr_second_pass_steps=_check_int(request, "hr_second_pass_steps", 0, limits.max_steps, 0),
-            hr_resize_x=_check_int(request, "hr_resize_x", 0, 2**16, 0),
-            hr_resize_y=_check_int(request, "hr_resize_y", 0, 2**16, 0),
-            denoising_strength=_check_number(request, "denoising_strength", 0.0, 1.0, 0.75),
+            hr_second_pass_steps=_check_int(request, "hr_second_pass_steps", *r["hr_second_pass_steps"], 0),
+            hr_resize_x=_check_int(request, "hr_resize_x", *r["hr_resize_x"], 0),
+            hr_resize_y=_check_int(request, "hr_resize_y", *r["hr_resize_y"], 0),
+            denoising_strength=_check_number(request, "denoising_strength", *r["denoising_strength"], 0.75),
             hr_sampler_name=sampler if sampler and sampler != "Use same sampler" else None,
             hr_scheduler=scheduler if scheduler and scheduler != "Use same scheduler" else None,
             hr_prompt=request.get("hr_prompt") or None, hr_negative_prompt=request.get("hr_negative_prompt") or None)
-    except ValueError as e:
+    except HiresError as e:  # its messages start with the field (FieldErrors of the checks pass through)
         raise FieldError(str(e).split(" ")[0], str(e)) from None
     size = hires_target(width, height, options)
     if size is not None and size.width * size.height > limits.max_pixels:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .. import webui
+from ..checks import SEED_MAX
 
 
 class _Request(BaseModel):
@@ -112,3 +115,37 @@ class ProgressResponse(BaseModel):
     state: dict[str, Any]
     current_image: str | None = None
     textinfo: str | None = None
+
+
+class Options(BaseModel):
+    """The settings altdiff has (GET /sdapi/v1/options; POST takes any of them and refuses other keys)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str = Field(description="A title or name from GET /sdapi/v1/sd-models.")
+    CLIP_stop_at_last_layers: int = Field(1, ge=1, le=12, description="Recorded in the infotext; the webui's "
+                                          "XLM-R encoder has no CLIP skip.")
+    samples_format: Literal["png"] = "png"
+    randn_source: Literal["GPU", "CPU", "NV"] = "GPU"
+    eta_noise_seed_delta: int = Field(0, ge=0, le=SEED_MAX)
+    token_merging_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    token_merging_ratio_img2img: float = Field(0.0, ge=0.0, lt=1.0)
+    token_merging_ratio_hr: float = Field(0.0, ge=0.0, lt=1.0, description="0 or token_merging_ratio.")
+
+
+def with_limits(schema: dict, limits: webui.Limits, model_names: list[str]) -> dict:
+    """/openapi.json with this server's bounds (webui.field_ranges, its limits, its models), so what a
+    schema-driven client sends as valid is what the server takes, cross-field rules aside."""
+    side = min(2**16, limits.max_pixels // 8)  # the other side is at least 8
+    for name in ("Txt2ImgRequest", "Img2ImgRequest"):
+        properties = schema["components"]["schemas"][name]["properties"]
+        for field, (low, high) in webui.field_ranges(limits).items():
+            if field in properties:
+                properties[field].update(minimum=low, maximum=high)
+        for field in ("width", "height"):
+            properties[field].update(maximum=side, multipleOf=8,
+                                     description=f"width x height <= {limits.max_pixels} pixels")
+        for field in ("prompt", "negative_prompt"):
+            properties[field]["maxLength"] = limits.max_prompt_chars
+    schema["components"]["schemas"]["Options"]["properties"]["sd_model_checkpoint"]["enum"] = model_names
+    return schema

@@ -8,17 +8,20 @@ from fastapi import APIRouter, Request
 
 from .. import checks, webui
 from ..pipeline import DEFAULT_MODEL
+from .models import Options
 from .worker import Job, find_models, wait
 
 router = APIRouter()
 
 
-@router.get("/sdapi/v1/options")
+@router.get("/sdapi/v1/options", response_model=Options)
 async def get_options(request: Request):
     return request.app.state.worker.options
 
 
-@router.post("/sdapi/v1/options")
+# The body is read as a plain object (the checks below name the field); the schema shows the keys it takes.
+@router.post("/sdapi/v1/options", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/Options"}}}}})
 async def set_options(options: dict[str, Any], request: Request):
     worker = request.app.state.worker
     known = {*webui.OVERRIDABLE, "samples_format"}
