@@ -15,8 +15,10 @@ chosen by `cache_branch_id`. The semantics of the deepcache 0.1.1 package's Deep
   (second-order samplers count both evaluations of a step).
 
 In the webui family the cache is per UNet call within a denoiser call (`slot`), so its separate cond and
-uncond calls keep their features apart. Cached steps are Python-level control flow: a pipeline with DeepCache on runs its plain UNet
-(no CUDA graph or compiled graph).
+uncond calls keep their features apart.
+
+What a UNet call does depends only on `mode()`, (full step?, slot), fixed before the call: so a full step and
+a cached step are two graphs to record or compile (altdiff.fast_unet), each valid for every step of its kind.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import torch.nn as nn
 class DeepCache:
     cache_interval: int = 1
     cache_branch_id: int = 0
-    step: int = 0  # set by the sampling loop before each UNet call
+    step: int = 0  # set by the sampling loop before each UNet call (at())
     start: int | None = None
     slot: int = 0
-    features: dict = field(default_factory=dict)
+    full: bool = True  # this call runs every module (and keeps the deep ones' outputs)
+    features: dict = field(default_factory=dict)  # (kind, name, block, layer, slot) -> a deep module's output
     _last_step: int | None = None
 
     def __post_init__(self):
@@ -45,7 +48,7 @@ class DeepCache:
 
     def reset(self) -> None:
         """A new generation: its first step is the start, nothing is cached."""
-        self.start, self._last_step, self.slot = None, None, 0
+        self.start, self._last_step, self.slot, self.full = None, None, 0, True
         self.features.clear()
 
     def at(self, step: int, separate_calls: bool = False) -> None:
@@ -54,12 +57,18 @@ class DeepCache:
         without, it is the same batch again (PNDM's repeated timestep) and shares the step's features."""
         self.slot = self.slot + 1 if separate_calls and step == self._last_step else 0
         self.step = self._last_step = step
-
-    def _cached(self, kind: str, block: int, layer: int) -> bool:
         if self.start is None:
-            self.start = self.step
-        if (self.step - self.start) % self.cache_interval == 0:
-            return False
+            self.start = step
+        # a slot with nothing kept yet (the first step, a new cond/uncond call) runs in full
+        self.full = (step - self.start) % self.cache_interval == 0 or not any(
+            key[-1] == self.slot for key in self.features)
+
+    def mode(self) -> tuple[bool, int]:
+        """What the next UNet call depends on: (full step, slot)."""
+        return self.full, self.slot
+
+    def deep(self, kind: str, block: int, layer: int) -> bool:
+        """Whether a module lies deeper than the branch: it reuses its last output on a cached step."""
         cache_block, cache_layer = divmod(self.cache_branch_id, 3)
         if kind == "mid" or block > cache_block:
             return True
@@ -67,18 +76,19 @@ class DeepCache:
             return False
         return layer >= cache_layer if kind == "down" else layer > cache_layer
 
-    def _call(self, key: tuple, forward: Callable, *args, **kwargs):
-        full_key = (*key, self.slot)
-        if self._cached(*key[:1], *key[2:]) and full_key in self.features:
-            return self.features[full_key]
-        out = forward(*args, **kwargs)
-        self.features[full_key] = out
+    def _call(self, key: tuple, deep: bool, forward: Callable, *args, **kwargs):
+        if not deep:
+            return forward(*args, **kwargs)
+        if not self.full:
+            return self.features[(*key, self.slot)]
+        out = self.features[(*key, self.slot)] = forward(*args, **kwargs)
         return out
 
     def attach(self, unet: nn.Module) -> None:
         """Route the cached modules' calls through the cache (deepcache's numbering), and mark the UNet."""
         for module, key in _modules(unet):
-            module.forward = _Routed(self, key, type(module).forward.__get__(module))
+            deep = self.deep(key[0], key[2], key[3])
+            module.forward = _Routed(self, key, deep, type(module).forward.__get__(module))
         unet.deepcache = self
 
     @staticmethod
@@ -91,11 +101,11 @@ class DeepCache:
 class _Routed:
     """A module's forward through the cache (a class, not a closure, so the module can drop it by name)."""
 
-    def __init__(self, cache: DeepCache, key: tuple, forward: Callable):
-        self.cache, self.key, self.forward = cache, key, forward
+    def __init__(self, cache: DeepCache, key: tuple, deep: bool, forward: Callable):
+        self.cache, self.key, self.deep, self.forward = cache, key, deep, forward
 
     def __call__(self, *args, **kwargs):
-        return self.cache._call(self.key, self.forward, *args, **kwargs)
+        return self.cache._call(self.key, self.deep, self.forward, *args, **kwargs)
 
 
 def _modules(unet: nn.Module) -> list[tuple[nn.Module, tuple]]:

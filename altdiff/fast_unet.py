@@ -64,8 +64,9 @@ def compiled(forward, device: torch.device):
         torch._dynamo.reset_code(forward.__code__)
     shapes: set[tuple] = set()
 
-    def call(*args, **kwargs):
-        key = _shape_key(args, kwargs)
+    def call(*args, variant=None, **kwargs):
+        # variant: Python-side state the traced code also specialises on (DeepCache's step kind)
+        key = (_shape_key(args, kwargs), variant)
         if key not in shapes:
             if len(shapes) >= _recompile_limit():
                 return forward(*args, **kwargs)
@@ -82,12 +83,13 @@ class CaptureError(RuntimeError):
 
 
 def state_key(module: nn.Module) -> tuple:
-    """What a recorded or compiled module depends on: each parameter's storage and in-place version, FreeU
-    and token merging (the UNet's) and attention slicing."""
+    """What a recorded or compiled module depends on: each parameter's storage and in-place version, FreeU,
+    token merging and DeepCache (the UNet's) and attention slicing."""
     params = tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
     freeu = getattr(module, "freeu", None)
+    cache = getattr(module, "deepcache", None)
     return (params, tuple(sorted(freeu.items())) if freeu else None, getattr(module, "token_merging", None),
-            attention._slice_size)
+            (cache.cache_interval, cache.cache_branch_id) if cache is not None else None, attention._slice_size)
 
 
 def _warn_fallback(what: str, e: Exception) -> None:
@@ -105,9 +107,17 @@ class FastUNet:
         self.unet, self.compile, self.cuda_graphs = unet, compile, cuda_graphs
         self.key = state_key(unet)
         # Compiled: every latent size gets its own specialised code, as CUDA graphs need anyway.
-        self.fn = compiled(unet.forward, unet.device) if compile else unet
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.fn = compiled(unet.forward, unet.device) if compile else self._eager
+        # (input shapes, DeepCache mode) -> (graph, its inputs, its output, the DeepCache features it keeps)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor, dict]] = {}
         self.failed = False
+
+    @property
+    def deepcache(self):
+        return self.unet.deepcache
+
+    def _eager(self, *inputs, variant=None):
+        return self.unet(*inputs)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  timestep_cond: torch.Tensor | None = None,
@@ -121,45 +131,58 @@ class FastUNet:
         inputs = [sample, timestep, encoder_hidden_states.to(sample.dtype)]
         if timestep_cond is not None:
             inputs.append(timestep_cond.to(sample.dtype))
+        cache = self.unet.deepcache
+        mode = cache.mode() if cache is not None else None  # a DeepCache full or cached step: another graph
         try:
             if not (self.cuda_graphs and sample.is_cuda):
-                return self.fn(*inputs)
-            key = tuple((tuple(x.shape), x.dtype) for x in inputs)
-            if key not in self.graphs:
-                if len(self.graphs) >= MAX_GRAPHS:
-                    del self.graphs[next(iter(self.graphs))]  # the oldest shape; frees its memory pool
-                self.graphs[key] = self._capture(inputs)
+                return self.fn(*inputs, variant=mode)
+            shape = tuple((tuple(x.shape), x.dtype) for x in inputs)
+            if (shape, mode) not in self.graphs:
+                if len({s for s, _ in self.graphs} | {shape}) > MAX_GRAPHS:
+                    # the oldest shape with all its graphs (a cached step's reads a full step's buffers);
+                    # frees their memory pools
+                    oldest = next(iter(self.graphs))[0]
+                    self.graphs = {k: v for k, v in self.graphs.items() if k[0] != oldest}
+                self.graphs[(shape, mode)] = self._capture(inputs, mode)
         except (*COMPILE_ERRORS, CaptureError) as e:
             _warn_fallback("fast UNet", e)
             self.failed = True
             self.graphs.clear()
+            if cache is not None:
+                cache.reset()  # features recorded in a graph's buffers go with it
             return self.unet(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
-        graph, static_inputs, static_out = self.graphs[key]
+        graph, static_inputs, static_out, features = self.graphs[(shape, mode)]
         for static, x in zip(static_inputs, inputs):
             static.copy_(x)
         graph.replay()
+        if features:  # a full step: the replay refreshed its kept features in place; the cache points at them
+            cache.features.update(features)
         return static_out.clone()
 
-    def _capture(self, inputs: list[torch.Tensor]):
+    def _capture(self, inputs: list[torch.Tensor], mode: tuple | None):
         """Warm up (compiling, choosing kernels) on a side stream as torch.cuda.graphs requires, then record
-        one call."""
+        one call. A DeepCache full step also returns the features it kept: the graph's own buffers, which its
+        replays rewrite and the same shape's cached-step graph reads."""
         static_inputs = [x.clone() for x in inputs]
         stream = torch.cuda.Stream(device=inputs[0].device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.fn(*static_inputs)
+                self.fn(*static_inputs, variant=mode)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: another thread's CUDA work (a second pipeline, a data loader) cannot break it.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.fn(*static_inputs)
+                static_out = self.fn(*static_inputs, variant=mode)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
             raise CaptureError(str(e)) from e
-        return graph, static_inputs, static_out
+        features = {}
+        if mode is not None and mode[0]:
+            features = {k: v for k, v in self.unet.deepcache.features.items() if k[-1] == mode[1]}
+        return graph, static_inputs, static_out, features
 
 
 class CompiledForward:

@@ -185,8 +185,8 @@ class Pipeline:
         graphs = self.cuda_graphs and self.device.type == "cuda"
         lora_hooks = lora is not None and lora.enabled and set(lora.weights) - lora.fused
         sequential = self.offload is not None and self.offload.mode == "sequential"
-        # sequential offload: every module call copies weights, nothing to record; DeepCache: Python control flow
-        if not (self.compile or graphs) or lora_hooks or sequential or self.unet.deepcache is not None:
+        # sequential offload: every module call copies weights, nothing to record
+        if not (self.compile or graphs) or lora_hooks or sequential:
             return self.unet
         if self.offload is not None:
             self.offload.load_unet()

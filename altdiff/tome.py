@@ -42,11 +42,13 @@ class TokenMerging:
 @lru_cache(maxsize=32)
 def _partition(h: int, w: int, sx: int, sy: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(src, dst) token positions: the top-left token of every whole sy x sx cell is a destination; every
-    other token (the partial cells at the right and bottom edges included) a source."""
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    dst = (ys % sy == 0) & (xs % sx == 0) & (ys < h // sy * sy) & (xs < w // sx * sx)
-    flat = dst.reshape(-1)
-    return flat.logical_not().nonzero()[:, 0].to(device), flat.nonzero()[:, 0].to(device)
+    other token (the partial cells at the right and bottom edges included) a source. Shapes follow from the
+    sizes alone (no nonzero()), so torch.compile traces it with static shapes."""
+    dst = (torch.arange(h // sy, device=device)[:, None] * (sy * w)
+           + torch.arange(w // sx, device=device)[None, :] * sx).reshape(-1)
+    is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device).index_fill_(0, dst, 1)
+    # a stable sort puts the sources (0) first, in position order
+    return is_dst.argsort(stable=True)[:h * w - dst.numel()], dst
 
 
 def bipartite_merge(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int
@@ -54,7 +56,9 @@ def bipartite_merge(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: i
     """tomesd's bipartite_soft_matching_random2d without randomness: the r source tokens most similar (cosine)
     to a destination merge into it. Returns (merge, unmerge) for tensors shaped like `metric` (B, N, C)."""
     b, n, _ = metric.shape
-    src_pos, dst_pos = _partition(h, w, sx, sy, metric.device)
+    # the cache is for eager calls; torch.compile traces the computation itself (its shapes are static)
+    partition = _partition.__wrapped__ if torch.compiler.is_compiling() else _partition
+    src_pos, dst_pos = partition(h, w, sx, sy, metric.device)
     r = min(r, len(src_pos))
     if r <= 0:
         return (lambda x: x), (lambda x: x)
