@@ -217,3 +217,24 @@ def test_load_on_the_current_gpu(m9_folder):
         pipe = altdiff.load(m9_folder, device="cuda", dtype=torch.float16)
     assert {p.device for m in (pipe.text_encoder, pipe.unet, pipe.vae) for p in m.parameters()} == {
         torch.device("cuda", 1)}
+
+
+@pytest.mark.parametrize("knob", ["tome", "deepcache"])
+def test_speed_knobs_with_cuda_graphs(m9_folder, knob):
+    """ToMe and DeepCache on the recorded UNet give the eager UNet's images bit for bit; DeepCache records
+    a full-step and a cached-step graph per shape (the cached one reads the full one's kept features)."""
+    graphs = altdiff.load(m9_folder, device="cuda", dtype=torch.float16)
+    eager = altdiff.load(m9_folder, device="cuda", dtype=torch.float16, cuda_graphs=False)
+    for pipe in (graphs, eager):
+        if knob == "tome":
+            pipe.enable_token_merging(0.5)
+        else:
+            pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)
+    for extra in (dict(sampler="pndm"), dict(sampler="DPM++ 2M", family="webui")):
+        kw = dict(num_inference_steps=5, output_type="np", progress=False, seed=0, height=64, width=64, **extra)
+        for _ in range(2):  # the second generation replays what the first recorded
+            assert np.array_equal(graphs.generate(PROMPT, **kw).images, eager.generate(PROMPT, **kw).images)
+    runner = graphs.unet_runner()
+    assert isinstance(runner, fast_unet.FastUNet) and not runner.failed
+    if knob == "deepcache":
+        assert {mode for _, mode in runner.graphs} == {(True, 0), (False, 0)}
