@@ -29,7 +29,8 @@ LIBS = ("altdiff", "diffusers")
 ALL_BLOCKS = ("load", *blocks.BLOCKS)
 # Minutes of compilation; a large image; 8 images per call; offload (CUDA only, last: it leaves diffusers'
 # pipeline offloaded).
-OPT_IN = ("unet_compiled", "e2e_compiled", "e2e_tiled", "throughput", "tome", "deepcache", "offload")
+OPT_IN = ("unet_compiled", "e2e_compiled", "e2e_tiled", "throughput", "tome", "deepcache", "tome_compiled",
+          "deepcache_compiled", "offload")
 CUDA_ONLY = ("offload",)
 MEMORY_BLOCKS = ("offload",)  # built with the real 250,002-row vocabulary unless --vocab-size says otherwise
 DEFAULT_BLOCKS = tuple(b for b in ALL_BLOCKS if b not in OPT_IN)

@@ -372,6 +372,78 @@ def deep_cache(alt, ref, s: Settings) -> Result:
         alt.disable_deepcache()
 
 
+def _knob_compiled(name: str, alt, ref, s: Settings, **altdiff_only) -> list[Result]:
+    """A speed knob (already on in both pipelines) with altdiff's compile=True against diffusers + the knob's
+    package with its patched UNet compiled as `_compile_diffusers` does, and both eager, in the same rounds.
+    When diffusers with the package does not compile, altdiff compiled is set against diffusers + package
+    eager alone."""
+    common = _e2e(alt, ref, s.size, s.steps, **altdiff_only)
+    shape = f"t2i {s.size}x{s.size}, {s.steps} steps"
+    patched = ref.unet.__dict__.get("forward")  # a package may wrap the forward itself (deepcache does)
+    fast = compiled(ref.unet.forward, s.device) if s.device.type == "cpu" else torch.compile(
+        ref.unet, mode="reduce-overhead", fullgraph=True)
+
+    def alt_run(compile: bool):
+        def run():
+            alt.compile = compile
+            return common["altdiff"]()
+        return run
+
+    def ref_compiled():
+        eager = ref.unet
+        if s.device.type == "cpu":
+            ref.unet.forward = fast
+        else:
+            ref.unet = fast
+        try:
+            return common["diffusers"]()
+        finally:
+            ref.unet = eager
+            if patched is not None:
+                ref.unet.forward = patched
+            else:
+                ref.unet.__dict__.pop("forward", None)
+    runs = {"altdiff compiled": alt_run(True), "diffusers compiled": ref_compiled,
+            "altdiff eager": alt_run(False), "diffusers eager": common["diffusers"]}
+    try:
+        return _four_way(name, shape, runs, s, _uint8_error)
+    except Exception as e:  # noqa: BLE001 (the package's patch may not trace; the row says so)
+        row = compare(f"{name}, altdiff compiled vs diffusers eager", shape,
+                      {"altdiff": alt_run(True), "diffusers": common["diffusers"]}, s.device, s.repeats,
+                      error=_uint8_error)
+        row.note = f"diffusers + package does not compile ({type(e).__name__}: {str(e)[:80]})"
+        return [row]
+    finally:
+        alt.compile = False
+
+
+def tome_compiled(alt, ref, s: Settings) -> list[Result]:
+    """ToMe 0.5 (the webui's tomesd settings) under compile: see `_knob_compiled` (opt-in)."""
+    import tomesd
+
+    tomesd.apply_patch(ref, ratio=0.5, use_rand=False, merge_attn=True, merge_crossattn=False, merge_mlp=False)
+    try:
+        return _knob_compiled("e2e, ToMe 0.5", alt, ref, s, token_merging_ratio=0.5)
+    finally:
+        tomesd.remove_patch(ref)
+
+
+def deepcache_compiled(alt, ref, s: Settings) -> list[Result]:
+    """DeepCache interval 3, branch 0 under compile (a full and a cached step: two compiled specialisations
+    each side): see `_knob_compiled` (opt-in)."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    alt.enable_deepcache(cache_interval=3, cache_branch_id=0)
+    try:
+        return _knob_compiled("e2e, DeepCache 3", alt, ref, s)
+    finally:
+        helper.disable()
+        alt.disable_deepcache()
+
+
 def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
     """End to end with altdiff's compile=True (UNet, text encoder, VAE decoder, safety checker) against
     diffusers with its UNet compiled (`_compile_diffusers`), and both eager, in the same rounds (opt-in)."""
@@ -455,8 +527,8 @@ BLOCKS: dict[str, Callable[..., Result | list[Result]]] = {
     "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "unet_variants": unet_variants,
     "unet_compiled": unet_compiled, "vae_decode": vae_decode, "vae_encode": vae_encode,
     "vae_tiled_decode": vae_tiled_decode, "safety": safety, "sampler": sampler, "e2e": end_to_end,
-    "webui_family": webui_family, "tome": token_merging,
-    "deepcache": deep_cache,
+    "webui_family": webui_family, "tome": token_merging, "deepcache": deep_cache,
+    "tome_compiled": tome_compiled, "deepcache_compiled": deepcache_compiled,
     "e2e_tiled": end_to_end_tiled, "e2e_compiled": end_to_end_compiled, "throughput": throughput,
     "offload": offload,  # last: it leaves diffusers' pipeline offloaded
 }

@@ -50,17 +50,19 @@ def test_opt_in_blocks_and_argument_errors(m9_folder, capsys, monkeypatch):
     # torch.compile as the identity: the compiled blocks' plumbing without minutes of compilation.
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     results = main(["--folder", str(m9_folder), "--blocks", "sampler", "e2e_tiled", "unet_compiled",
-                    "e2e_compiled", "throughput", "tome", "deepcache", *TINY])
+                    "e2e_compiled", "throughput", "tome", "deepcache", "tome_compiled", "deepcache_compiled", *TINY])
     four_way = ("compiled", "altdiff compiled vs diffusers eager", "eager (same rounds)")
     assert [r.block for r in results] == [f"UNet step, {r}" for r in four_way] + [
         "sampler overhead", "e2e, ToMe 0.5 (diffusers + tomesd)", "e2e, no ToMe",
-        "e2e, DeepCache 3 (diffusers + deepcache)", "end to end, VAE tiling"] + [
+        "e2e, DeepCache 3 (diffusers + deepcache)"] + [f"e2e, {knob}, {r}" for knob in ("ToMe 0.5", "DeepCache 3")
+                                                       for r in four_way] + ["end to end, VAE tiling"] + [
         f"end to end, {r}" for r in four_way] + ["throughput, batch 8"]
     errors = {r.block: r.error for r in results}
     assert all(errors[f"UNet step, {r}"] < 1e-4 for r in four_way)
     assert all(errors[f"end to end, {r}"] <= 1 for r in four_way)
     assert errors["end to end, VAE tiling"] <= 1 and errors["throughput, batch 8"] <= 1
     assert errors["e2e, DeepCache 3 (diffusers + deepcache)"] <= 1
+    assert all(errors[f"e2e, {knob}, {r}"] <= 1 for knob in ("ToMe 0.5", "DeepCache 3") for r in four_way)
     assert errors["e2e, ToMe 0.5 (diffusers + tomesd)"] <= 1 and "faster with it" in results[4].note
     assert all(len(r.times["altdiff"]) == 1 for r in results)
     by_block = {r.block: r for r in results}
