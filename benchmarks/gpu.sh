@@ -4,8 +4,8 @@
 # vocabulary (one folder for every stage; built by the first, ~1.5 min). The test-only oracles (diffusers
 # 0.35.2, transformers 4.57.6, accelerate for diffusers' offload, ...) travel as wheels in .whl/ (see
 # benchmarks/README.md). Each stage has its own time limit and writes its JSON after every block, so a stage
-# cut short or failing still leaves the others' results in $OUT. The limits add up to ~11.5 minutes: with a
-# 10-minute device call, run the speed stage in its own call (T_SPEED) or shorten the others; the compile stage (two UNets, then altdiff's text encoder, VAE decoder and
+# cut short or failing still leaves the others' results in $OUT. The limits add up to ~15 minutes: with a
+# 10-minute device call, run the speed stages in their own call (T_SPEED, T_SPEED_COMPILED) or shorten the others; the compile stage (two UNets, then altdiff's text encoder, VAE decoder and
 # safety checker: ~3 minutes of compilation), the likeliest to run over, goes last.
 set -u
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/altdiff-gpu}
@@ -28,3 +28,6 @@ stage "${T_LOAD:-55}" load $B --json "$OUT/load.json" --blocks load e2e --repeat
 # ToMe and DeepCache against tomesd / DeepCache (their wheels in .whl/ too), and the webui family's cost.
 stage "${T_SPEED:-120}" speed $B --json "$OUT/speed.json" --blocks tome deepcache webui_family --repeats 2
 stage "${T_COMPILED:-200}" compiled $B --json "$OUT/compiled.json" --blocks unet_compiled e2e_compiled --repeats 3
+# ToMe and DeepCache on recorded and compiled graphs (compile=True against diffusers + package compiled).
+stage "${T_SPEED_COMPILED:-200}" speed-compiled $B --json "$OUT/speed-compiled.json" --blocks tome_compiled \
+    deepcache_compiled --repeats 2
