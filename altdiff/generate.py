@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checks, hires, inpaint, prompts, tome, webui_sampling
+from . import checks, hires, inpaint, prompts, tome, webui_family, webui_sampling
 from . import infotext as infotext_io
 from .checks import is_int, is_number, plain
-from .images import MAX_IMAGE_PIXELS, ImageInput, postprocess, preprocess
+from .images import MAX_IMAGE_PIXELS, ImageInput, preprocess
+from .latents import Interrupted, decode, image_latents
 from .lora import text_encoder_scale
 from .networks import prompt_networks
-from .rng import SOURCES, ImageRNG, randn_tensor
+from .rng import randn_tensor
 from .samplers import SAMPLERS, get_sampler
 from .schedules import add_noise, make_schedule, sampler_for_config, schedule_for_strength
 
@@ -37,11 +38,6 @@ logger = logging.getLogger("altdiff")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
-
-class _Interrupted(Exception):
-    def __init__(self, latents: torch.Tensor):
-        self.latents = latents
-
 
 @dataclass
 class GenerationResult:
@@ -228,26 +224,6 @@ def _generators_from_seed(seed: int | Sequence[int]):
     return torch.Generator("cpu").manual_seed(checks.seed("seed", seed))
 
 
-def _image_latents(pipe: Pipeline, image: torch.Tensor, total: int, generator, device, dtype) -> torch.Tensor:
-    """img2img: the scaled VAE latent *sample* of each image (first random draws), repeated to `total`."""
-    latent_channels = pipe.unet.config.in_channels
-    image = image.to(device=device, dtype=dtype)
-    if image.shape[1] == latent_channels:
-        init = image
-    else:
-        if isinstance(generator, list):
-            # diffusers encodes image[i:i+1] with generator[i]; slices past the image batch are empty.
-            init = torch.cat([pipe.vae.encode(image[i:i + 1]).sample(generator[i])
-                              for i in range(min(total, image.shape[0]))])
-        else:
-            init = pipe.vae.encode(image).sample(generator)
-        init = pipe.vae.config.scaling_factor * init
-    n = init.shape[0]
-    if total % n:
-        raise ValueError(f"image: a batch of {n} images cannot be spread over {total} generated images")
-    return torch.cat([init] * (total // n)) if total > n else init
-
-
 def _check_for_model(pipe: Pipeline, image, height: int | None, width: int | None, latents, prompt_embeds,
                      negative_prompt_embeds, total: int, a1111_prompts: bool
                      ) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
@@ -311,7 +287,7 @@ def _prepare_latents(pipe: Pipeline, schedule, shape, latents, init_image, total
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * schedule.init_noise_sigma
-    init = _image_latents(pipe, init_image, total, generator, device, dtype)
+    init = image_latents(pipe, init_image, total, generator, device, dtype)
     noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)
     return add_noise(schedule, init, noise)
 
@@ -321,12 +297,12 @@ def _prepare_inpaint(pipe: Pipeline, schedule, init_image: torch.Tensor, pixel_m
     """StableDiffusionInpaintPipeline (4-channel UNet): (the starting latents, a blend applied after every
     step). Random draws in its order: the init image's latent sample, the noise, the masked image's sample."""
     device = pipe.device
-    init = _image_latents(pipe, init_image, total, generator, device, dtype)
+    init = image_latents(pipe, init_image, total, generator, device, dtype)
     noise = randn_tensor(tuple(init.shape), generator=generator, device=device, dtype=dtype)
     # pure noise at strength 1, as diffusers' is_strength_max; else the init latents noised like img2img
     latents = noise * schedule.init_noise_sigma if strength == 1.0 else add_noise(schedule, init, noise)
     # diffusers encodes the masked image even for a 4-channel UNet, which uses only its random draws
-    _image_latents(pipe, init_image * (pixel_mask < 0.5), total, generator, device, dtype)
+    image_latents(pipe, init_image * (pixel_mask < 0.5), total, generator, device, dtype)
     factor = pipe.vae_scale_factor
     mask = F.interpolate(pixel_mask, size=(init_image.shape[2] // factor, init_image.shape[3] // factor))
     mask = mask.to(device=device, dtype=dtype)
@@ -392,7 +368,7 @@ def _step_callback(pipe: Pipeline, embeds: dict, bar, n_calls: int, steps: int, 
         if callback is not None and (i == n_calls - 1 or i + 1 > warmup) and i % (callback_steps or 1) == 0:
             callback(i, t, x if new is None else new)
         if pipe._interrupt:  # set by a callback: stop here with these latents
-            raise _Interrupted(x if new is None else new)
+            raise Interrupted(x if new is None else new)
         return new
 
     return on_step
@@ -405,23 +381,6 @@ def _blended(blend, on_step):
         new = on_step(i, t, x)
         return x if new is None else new
     return step
-
-
-def _decode(pipe: Pipeline, latents: torch.Tensor, output_type: str, truncate: bool = False):
-    """(images, nsfw_content_detected): VAE decode, safety check (flagged images black), conversion;
-    `truncate`: PIL images by the webui's conversion (255 * x truncated, where diffusers rounds)."""
-    if output_type == "latent":
-        return latents, None
-    nsfw = None
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-    if pipe.safety_checker is not None:
-        nsfw = pipe.safety_checker.check((decoded / 2 + 0.5).clamp(0, 1))
-        # Flagged images are zeroed and skip denormalisation: they come out black, as in diffusers.
-        decoded = torch.stack([torch.zeros_like(img) if flag else img for img, flag in zip(decoded, nsfw)])
-    if truncate and output_type == "pil":
-        arrays = webui_sampling.to_uint8(decoded)
-        return [PIL.Image.fromarray(a * (0 if nsfw and nsfw[i] else 1)) for i, a in enumerate(arrays)], nsfw
-    return postprocess(decoded, output_type, [not f for f in nsfw] if nsfw else [True] * len(decoded)), nsfw
 
 
 FAMILIES = ("diffusers", "webui")
@@ -442,74 +401,6 @@ def _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subs
     return "webui" if any(webui_only) else "diffusers"
 
 
-@dataclass
-class _Webui:
-    """The webui family's checked choices."""
-
-    sampler: webui_sampling.WebuiSampler
-    source: str
-    ensd: int
-    subseed: int | None
-    subseed_strength: float
-    s_min_uncond: float
-    inpaint: inpaint.InpaintOptions | None  # with a mask_image
-    hires: hires.HiresOptions | None
-
-
-def _check_webui(sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min_uncond, generator, latents,
-                 prompt_embeds, negative_prompt_embeds, guidance_rescale, image, mask_image, inpaint_options,
-                 hires_options, output_type, tensor_inputs) -> _Webui:
-    """The webui family's arguments; what it does not take is named."""
-    for name, value, why in (
-            ("generator", generator, "its noise comes from `seed` (one generator per image, `rng` source)"),
-            ("latents", latents, "its starting noise comes from `seed`"),
-            ("prompt_embeds", prompt_embeds, "its conditioning is scheduled from the prompt text"),
-            ("negative_prompt_embeds", negative_prompt_embeds, "its conditioning comes from the text")):
-        if value is not None:
-            raise ValueError(f"{name}: not taken by the webui family ({why}); use family='diffusers'")
-    if guidance_rescale:
-        raise ValueError("guidance_rescale: the webui has no guidance rescale; use family='diffusers'")
-    if tuple(tensor_inputs) != ("latents",):
-        raise ValueError("callback_on_step_end_tensor_inputs: the webui family passes ('latents',) only")
-    if scheduler is not None and not isinstance(scheduler, str):
-        raise TypeError(f"scheduler: expected a webui schedule type name, got {type(scheduler).__name__}")
-    choice = webui_sampling.resolve(sampler, scheduler)
-    source = "GPU" if rng is None else rng
-    if source not in SOURCES:
-        raise ValueError(f"rng: expected one of {SOURCES}, got {rng!r}")
-    if not is_int(ensd or 0, 0):
-        raise ValueError(f"eta_noise_seed_delta: must be an int >= 0, got {ensd!r}")
-    if subseed is not None and not (is_int(subseed, -1, checks.SEED_MAX)):
-        raise ValueError(f"subseed: must be an int in [-1, {checks.SEED_MAX}], got {subseed!r}")
-    if not is_number(subseed_strength) or not 0 <= subseed_strength <= 1:
-        raise ValueError(f"subseed_strength: must be in [0, 1], got {subseed_strength!r}")
-    if not is_number(s_min_uncond) or s_min_uncond < 0:
-        raise ValueError(f"s_min_uncond: must be a number >= 0, got {s_min_uncond!r}")
-    options = None
-    if mask_image is not None:
-        if image is None:
-            raise ValueError("mask_image: inpainting needs `image`, the picture the mask applies to")
-        for name, value in (("image", image), ("mask_image", mask_image)):
-            if not isinstance(value, PIL.Image.Image):
-                raise TypeError(f"{name}: the webui family inpaints one PIL image with one PIL mask, got "
-                                f"{type(value).__name__}")
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type: the webui family's inpainting pastes its overlay on PIL images; "
-                             f"expected 'pil' or 'latent', got {output_type!r}")
-        options = inpaint.options(inpaint_options)
-    elif inpaint_options is not None:
-        raise ValueError("inpaint_options: they apply to a mask; pass mask_image too")
-    hires_options = hires.options(hires_options)
-    if hires_options is not None:
-        if image is not None:
-            raise ValueError("hires: the hires fix is txt2img's second pass; it takes no `image`")
-        # the second pass's sampler, checked before the model runs
-        webui_sampling.resolve(hires_options.hr_sampler_name or choice.label,
-                               hires_options.hr_scheduler or choice.schedule_type)
-    return _Webui(choice, source, int(ensd or 0), subseed, float(subseed_strength), float(s_min_uncond), options,
-                  hires_options)
-
-
 def _from_infotext(source, given: dict) -> dict:
     """generate()'s arguments for an infotext: its values for every argument `given` leaves at its default."""
     prompt_text, negative, params = infotext_io.parse(infotext_io.text_of(source))
@@ -518,202 +409,6 @@ def _from_infotext(source, given: dict) -> dict:
         found["hires"] = hires.from_infotext(found["hires"])
     defaults = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
     return {**given, **{k: v for k, v in found.items() if given.get(k, defaults.get(k)) == defaults.get(k)}}
-
-
-def _generate_webui(pipe: Pipeline, webui: _Webui, prompt, negative_prompt, num_images_per_prompt: int,
-                    shape, init_image, image, mask_image, height, width, strength, steps: int,
-                    guidance_scale: float, eta, seed, clip_skip, cross_attention_kwargs, output_type, return_dict,
-                    callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
-                    token_merging_ratio):
-    """The webui family's stages (altdiff.webui_sampling): encode the prompt schedules, draw the webui's noise,
-    sample with its CFG denoiser (an inpainting mask blended in; the hires fix's second pass after it), decode
-    with its truncating conversion (and paste the inpainting overlay); the infotext of each image."""
-    # The webui's default "Enable comments": `#` to the end of a line is dropped first (infotext included).
-    texts = [prompts.strip_comments(t) for t in ([prompt] if isinstance(prompt, str) else prompt)]
-    negatives = [prompts.strip_comments(t) for t in (
-        negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(texts))]
-    n = num_images_per_prompt
-    all_prompts = [t for t in texts for _ in range(n)]
-    all_negatives = [t for t in negatives for _ in range(n)]
-    total = len(all_prompts)
-    choice, hr = webui.sampler, webui.hires
-    strength_used = webui.subseed_strength
-    subseeds = webui_sampling.fixed_seeds(webui.subseed, total, "subseed")
-    # processing.py: with a variation strength every image keeps the seed, and the subseed counts up.
-    if strength_used and not isinstance(seed, (list, tuple)):
-        seeds = webui_sampling.fixed_seeds(seed, 1) * total
-    else:
-        seeds = webui_sampling.fixed_seeds(seed, total)
-    for i, s in enumerate(seeds + subseeds):
-        checks.seed(f"seed[{i}]", s)
-    factor, channels = pipe.vae_scale_factor, pipe.unet.config.in_channels
-    prepared = None
-    if mask_image is not None:
-        # The processing size: width x height, by default the image's own (a multiple of 8).
-        width = width or image.width - image.width % factor
-        height = height or image.height - image.height % factor
-        if width < factor or height < factor:
-            raise ValueError(f"image: {image.width}x{image.height} is smaller than {factor} pixels")
-        prepared = inpaint.prepare(image, mask_image, width, height, webui.inpaint)
-        init_image = preprocess(prepared.image, factor, channels)
-    elif init_image is not None:
-        height, width = init_image.shape[2], init_image.shape[3]
-    else:
-        height, width = shape[2] * factor, shape[3] * factor
-    latent_shape = (channels, height // factor, width // factor)
-    target = hires.target(width, height, hr, factor) if hr is not None else None
-    hr_choice = hr_steps = None
-    if target is not None:
-        hr_choice = webui_sampling.resolve(hr.hr_sampler_name or choice.label, hr.hr_scheduler or choice.schedule_type)
-        hr_steps = hr.hr_second_pass_steps or steps
-        hr_prompts = [prompts.strip_comments(hr.hr_prompt) if hr.hr_prompt else p for p in all_prompts]
-        hr_negatives = [prompts.strip_comments(hr.hr_negative_prompt) if hr.hr_negative_prompt else p
-                        for p in all_negatives]
-        if any("<" in p and p not in all_prompts for p in hr_prompts):
-            raise ValueError("hires: an hr_prompt with its own <lora:...> tags is not supported; put the "
-                             "networks in `prompt`")
-
-    with pipe.lock, prompt_networks(pipe, all_prompts, all_negatives, a1111_prompts=True, lora_dir=lora_dir,
-                                    embeddings_dir=embeddings_dir) as networks, torch.inference_mode(), \
-            pipe.running(), tome.merging_for(pipe.unet, token_merging_ratio) as merging:
-        pipe._interrupt = False
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        first_total = choice.total_steps(steps)
-        with text_encoder_scale(pipe, lora_scale):
-            c, uc = webui_sampling.conds(pipe, networks.prompt, all_negatives, first_total, None)
-            if target is not None:
-                hr_c, hr_uc = webui_sampling.conds(
-                    pipe, [networks.prompt[i] if p == all_prompts[i] else p for i, p in enumerate(hr_prompts)],
-                    hr_negatives, first_total, None, hires_steps=hr_choice.total_steps(hr_steps))
-        dtype = next(pipe.unet.parameters()).dtype
-        rng = ImageRNG(latent_shape, seeds, subseeds if strength_used else None, strength_used, webui.source,
-                       pipe.device, webui.ensd)
-        init_latent = mask = None
-        if init_image is not None:
-            # The webui samples the VAE posterior from torch's unseeded global RNG; altdiff seeds it per image.
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            # contiguous: the encoder's output keeps the image's channels-last strides, and a layout picks the
-            # UNet's convolution kernels (~1e-7 apart, which an inpainting mask's hard edge can amplify)
-            init_latent = _image_latents(pipe, init_image, total, generators, pipe.device, dtype).float().contiguous()
-            if prepared is not None:
-                init_latent, mask = _inpaint_latents(pipe, init_latent, prepared, webui, latent_shape, seeds)
-        run_steps = int(min(strength, 0.999) * steps) + 1 if init_image is not None else steps
-        hr_run = hr_steps if target is not None else 0
-        with tqdm(total=run_steps + hr_run, disable=not progress, desc="altdiff") as bar:
-            def on_step(d: dict) -> None:
-                bar.update()
-                i, x = d["i"], d["x"]
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(pipe, i, d["sigma"], {"latents": x}) or {}
-                    if out.get("latents") is not None:
-                        raise ValueError("callback_on_step_end: the webui family's samplers keep their own "
-                                         "latents; returning new ones is not supported")
-                if callback is not None and i % (callback_steps or 1) == 0:
-                    callback(i, d["sigma"], x)
-                if pipe._interrupt:  # the webui returns the last denoised prediction when interrupted
-                    raise _Interrupted(d["denoised"])
-
-            common = dict(cfg_scale=guidance_scale, eta=eta, s_min_uncond=webui.s_min_uncond,
-                          cross_attention_kwargs=cross_attention_kwargs, callback=on_step, dtype=dtype)
-            try:
-                latents = webui_sampling.sample(
-                    pipe, pipe.unet_runner(), choice, c, uc, rng, seeds, steps=steps, init_latent=init_latent,
-                    strength=strength if init_image is not None else None, mask=mask, **common)
-                if target is not None:
-                    latents = _hires_pass(pipe, latents.to(dtype), target, hr, hr_choice, hr_c, hr_uc, seeds,
-                                          subseeds, webui, hr_steps, dtype, common)
-            except _Interrupted as stop:
-                latents = stop.latents
-        images, nsfw = _decode(pipe, latents.to(dtype), output_type, truncate=True)
-    if prepared is not None and output_type == "pil":
-        images = [inpaint.apply_overlay(img, prepared.overlay, prepared.paste_to) for img in images]
-    texts_out = _webui_infotexts(pipe, webui, networks, all_prompts, all_negatives, seeds, subseeds, steps,
-                                 guidance_scale, eta, width, height,
-                                 strength if init_image is not None else None, prepared, clip_skip,
-                                 merging.ratio if merging is not None else 0.0)
-    if not return_dict:
-        return images, nsfw
-    return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext,
-                            infotexts=texts_out)
-
-
-def _inpaint_latents(pipe: Pipeline, init_latent: torch.Tensor, prepared: inpaint.PreparedInpaint, webui: _Webui,
-                     latent_shape: tuple[int, int, int], seeds: list[int]):
-    """StableDiffusionProcessingImg2Img.init's latent side: resize mode 3's latent resize, the (mask, nmask)
-    pair from the processing-size mask, the latent fills (2: the images' first seed noise, as the webui's
-    create_random_tensors draws it; 3: zeros)."""
-    options = webui.inpaint
-    channels, h, w = latent_shape
-    if options.resize_mode == 3:
-        init_latent = F.interpolate(init_latent, size=(h, w), mode="bilinear")
-    mask, nmask = inpaint.latent_mask(prepared.mask, w, h, options.mask_round, channels)
-    mask, nmask = mask.to(init_latent.device), nmask.to(init_latent.device)
-    noise = None
-    if options.inpainting_fill == 2:
-        noise = ImageRNG(latent_shape, seeds, None, 0.0, webui.source, init_latent.device, 0).next()
-    return inpaint.fill_latent(init_latent, mask, nmask, options.inpainting_fill, noise), (mask, nmask)
-
-
-def _hires_pass(pipe: Pipeline, samples: torch.Tensor, target: hires.HiresTarget, hr: hires.HiresOptions,
-                choice: webui_sampling.WebuiSampler, c, uc, seeds, subseeds, webui: _Webui, steps: int, dtype,
-                common: dict) -> torch.Tensor:
-    """StableDiffusionProcessingTxt2Img.sample_hr_pass: upscale the first pass (in latent space, or decoded,
-    resized by a model-free upscaler and encoded again), cut an hr_resize overflow, then img2img over it with
-    the hires sampler and new noise from the same seeds, running exactly `steps` steps."""
-    if hr.hr_upscaler in hires.LATENT_UPSCALE_MODES:
-        samples = hires.upscale_latent(samples.float(), target, hr.hr_upscaler, pipe.vae_scale_factor)
-    else:
-        decoded = pipe.vae.decode(samples / pipe.vae.config.scaling_factor)
-        images = [hires.upscale_image(i, target, hr.hr_upscaler) for i in hires.to_pixels(decoded)]
-        pixels = hires.from_pixels(images) * 2.0 - 1.0
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        samples = _image_latents(pipe, pixels, len(seeds), generators, pipe.device, dtype).float().contiguous()
-    samples = hires.truncate(samples, target)
-    if not hr.denoising_strength:
-        # setup_img2img_steps plans 0 steps: the webui's sampler walks an all-zero schedule and returns the input
-        return samples
-    rng = ImageRNG(tuple(samples.shape[1:]), seeds, subseeds if webui.subseed_strength else None,
-                   webui.subseed_strength, webui.source, pipe.device, webui.ensd)
-    cfg = dict(common, cfg_scale=hr.hr_cfg if hr.hr_cfg is not None else common["cfg_scale"])
-    return webui_sampling.sample(pipe, pipe.unet_runner(), choice, c, uc, rng, seeds, steps=steps,
-                                 init_latent=samples, strength=hr.denoising_strength, fix_steps=True, **cfg)
-
-
-def _webui_infotexts(pipe: Pipeline, webui: _Webui, networks, all_prompts, all_negatives, seeds, subseeds,
-                     steps, guidance_scale, eta, width, height, strength, prepared, clip_skip,
-                     token_merging_ratio: float) -> list[str]:
-    """processing.create_infotext for each image, with the keys the run added (Eta, mask, hires). The webui
-    records its CLIP skip setting ("Clip skip": layers stopped at, clip_skip + 1) though its XLM-R encoder
-    does not apply it."""
-    choice, hr = webui.sampler, webui.hires
-    source = Path(pipe.source) if pipe.source else None
-    model_hash = infotext_io.model_hash(source) if source is not None and source.is_file() else None
-    extra = dict(networks.infotext)
-    if choice.timesteps:  # CompVisSampler.initialize: "Eta DDIM" when not 0
-        if eta:
-            extra["Eta DDIM"] = eta
-    elif "eta" in inspect.signature(webui_sampling.K_SAMPLERS[choice.label].function).parameters and (
-            eta not in (None, 1.0)):
-        extra["Eta"] = eta
-    if prepared is not None:
-        extra.update(inpaint.infotext_params(webui.inpaint, prepared.paste_to is not None))
-    hires_on = hr is not None and hires.target(width, height, hr, pipe.vae_scale_factor) is not None
-    if hires_on:
-        extra.update(hires.infotext_params(hr, sampler=choice.label, scheduler=choice.schedule_type,
-                                           prompt=all_prompts[0], negative_prompt=all_negatives[0],
-                                           cfg_scale=guidance_scale))
-        strength = hr.denoising_strength
-    return [infotext_io.write(
-        p, neg, steps=steps, sampler=choice.label, schedule_type=choice.infotext_schedule_type,
-        cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height, model_hash=model_hash,
-        model=source.stem if source is not None and source.is_file() else (source.name if source else None),
-        variation_seed=subseeds[i] if webui.subseed_strength else None,
-        variation_seed_strength=webui.subseed_strength, denoising_strength=strength, clip_skip=(clip_skip or 0) + 1,
-        ensd=webui.ensd if choice.uses_ensd(eta) else 0, token_merging_ratio=token_merging_ratio,
-        # the hires pass merges at the same ratio (the webui's token_merging_ratio_hr option left at 0)
-        token_merging_ratio_hr=token_merging_ratio if hires_on else 0.0,
-        rng=webui.source, extra=extra)
-        for i, (p, neg) in enumerate(zip(all_prompts, all_negatives))]
 
 
 def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
@@ -782,10 +477,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
                                output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
                                callback_steps, family == "webui" and mask_image is not None)
     if family == "webui":
-        webui = _check_webui(sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
-                             s_min_uncond, generator, latents, prompt_embeds, negative_prompt_embeds,
-                             guidance_rescale, image, mask_image, inpaint_options, hires, output_type,
-                             callback_on_step_end_tensor_inputs)
+        webui = webui_family.check(sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
+                                   s_min_uncond, generator, latents, prompt_embeds, negative_prompt_embeds,
+                                   guidance_rescale, image, mask_image, inpaint_options, hires, output_type,
+                                   callback_on_step_end_tensor_inputs)
         sampler = None
     elif seed is not None:
         generator = _generators_from_seed(seed)
@@ -796,11 +491,15 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
                                          prompt_embeds, negative_prompt_embeds, total,
                                          a1111_prompts or family == "webui")
     if family == "webui":
-        return _generate_webui(pipe, webui, prompt, negative_prompt, num_images_per_prompt, shape, init_image,
-                               image, mask_image, height, width, strength, num_inference_steps, guidance_scale,
-                               eta, seed, clip_skip, cross_attention_kwargs, output_type, return_dict,
-                               callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
-                               token_merging_ratio)
+        images, nsfw, networks_infotext, infotexts = webui_family.run(
+            pipe, webui, prompt, negative_prompt, num_images_per_prompt, shape, init_image, image, mask_image, height,
+            width, strength, num_inference_steps, guidance_scale, eta, seed, clip_skip, cross_attention_kwargs,
+            output_type, callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
+            token_merging_ratio)
+        if not return_dict:
+            return images, nsfw
+        return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks_infotext,
+                                infotexts=infotexts)
     for name, value in (("inpaint_options", inpaint_options), ("hires", hires)):
         if value is not None:
             raise ValueError(f"{name}: the webui's inpainting options and hires fix are the webui family's; "
@@ -843,9 +542,9 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
                                   timestep_cond=_guidance_embedding(pipe, guidance_scale, total, latents.dtype),
                                   cross_attention_kwargs=cross_attention_kwargs, generator=generator, eta=eta,
                                   callback=on_step)
-            except _Interrupted as stop:
+            except Interrupted as stop:
                 latents = stop.latents
-        images, nsfw = _decode(pipe, latents, output_type)
+        images, nsfw = decode(pipe, latents, output_type)
     if not return_dict:
         return images, nsfw
     return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks.infotext)
