@@ -411,7 +411,8 @@ def _knob_compiled(name: str, alt, ref, s: Settings, **altdiff_only) -> list[Res
         row = compare(f"{name}, altdiff compiled vs diffusers eager", shape,
                       {"altdiff": alt_run(True), "diffusers": common["diffusers"]}, s.device, s.repeats,
                       error=_uint8_error)
-        row.note = f"diffusers + package does not compile ({type(e).__name__}: {str(e)[:80]})"
+        reason = " ".join(str(e).split())[:60]  # one line: it goes into a table cell
+        row.note = f"diffusers + package does not compile ({type(e).__name__}: {reason})"
         return [row]
     finally:
         alt.compile = False
