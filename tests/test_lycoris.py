@@ -236,7 +236,7 @@ def test_loha_delta_is_rebuilt_once_until_released(lyco, m9_folder, monkeypatch)
 
     rebuilds = []
     original = lora.Loha.rebuild
-    monkeypatch.setattr(lora.Loha, "rebuild", lambda self, device=None: rebuilds.append(self) or original(self, device))
+    monkeypatch.setattr(lora.Loha, "rebuild", lambda self, *args: rebuilds.append(self) or original(self, *args))
     pipe = alt(m9_folder)
     pipe.load_lora_weights(lyco["cases"]["loha"]["path"], adapter_name="lyco")
     layers = [a for layer in pipe.lora.layers.values() for a in layer.adapters.values()]
