@@ -372,6 +372,14 @@ def deep_cache(alt, ref, s: Settings) -> Result:
         alt.disable_deepcache()
 
 
+def _with_compile(alt, run: Callable[[], object], compile: bool) -> Callable[[], object]:
+    """`run` with altdiff's compile switch set first (it applies from the next generation)."""
+    def call():
+        alt.compile = compile
+        return run()
+    return call
+
+
 def _knob_compiled(name: str, alt, ref, s: Settings, **altdiff_only) -> list[Result]:
     """A speed knob (already on in both pipelines) with altdiff's compile=True against diffusers + the knob's
     package with its patched UNet compiled as `_compile_diffusers` does, and both eager, in the same rounds.
@@ -382,12 +390,6 @@ def _knob_compiled(name: str, alt, ref, s: Settings, **altdiff_only) -> list[Res
     patched = ref.unet.__dict__.get("forward")  # a package may wrap the forward itself (deepcache does)
     fast = compiled(ref.unet.forward, s.device) if s.device.type == "cpu" else torch.compile(
         ref.unet, mode="reduce-overhead", fullgraph=True)
-
-    def alt_run(compile: bool):
-        def run():
-            alt.compile = compile
-            return common["altdiff"]()
-        return run
 
     def ref_compiled():
         eager = ref.unet
@@ -403,14 +405,13 @@ def _knob_compiled(name: str, alt, ref, s: Settings, **altdiff_only) -> list[Res
                 ref.unet.forward = patched
             else:
                 ref.unet.__dict__.pop("forward", None)
-    runs = {"altdiff compiled": alt_run(True), "diffusers compiled": ref_compiled,
-            "altdiff eager": alt_run(False), "diffusers eager": common["diffusers"]}
+    runs = {"altdiff compiled": _with_compile(alt, common["altdiff"], True), "diffusers compiled": ref_compiled,
+            "altdiff eager": _with_compile(alt, common["altdiff"], False), "diffusers eager": common["diffusers"]}
     try:
         return _four_way(name, shape, runs, s, _uint8_error)
     except Exception as e:  # noqa: BLE001 (the package's patch may not trace; the row says so)
-        row = compare(f"{name}, altdiff compiled vs diffusers eager", shape,
-                      {"altdiff": alt_run(True), "diffusers": common["diffusers"]}, s.device, s.repeats,
-                      error=_uint8_error)
+        row = compare(f"{name}, altdiff compiled vs diffusers eager", shape, {"altdiff": runs["altdiff compiled"],
+                      "diffusers": runs["diffusers eager"]}, s.device, s.repeats, error=_uint8_error)
         reason = " ".join(str(e).split())[:60]  # one line: it goes into a table cell
         row.note = f"diffusers + package does not compile ({type(e).__name__}: {reason})"
         return [row]
@@ -451,17 +452,11 @@ def end_to_end_compiled(alt, ref, s: Settings) -> list[Result]:
     _compile_diffusers(ref, s)
     common = _e2e(alt, ref, s.size, s.steps)
 
-    def alt_run(compile: bool):
-        def run():
-            alt.compile = compile
-            return common["altdiff"]()
-        return run
-
     def ref_compiled():
         with _diffusers_compiled(ref, s):
             return common["diffusers"]()
-    runs = {"altdiff compiled": alt_run(True), "diffusers compiled": ref_compiled,
-            "altdiff eager": alt_run(False), "diffusers eager": common["diffusers"]}
+    runs = {"altdiff compiled": _with_compile(alt, common["altdiff"], True), "diffusers compiled": ref_compiled,
+            "altdiff eager": _with_compile(alt, common["altdiff"], False), "diffusers eager": common["diffusers"]}
     try:
         return _four_way("end to end", f"t2i {s.size}x{s.size}, {s.steps} steps, CFG {GUIDANCE}", runs, s,
                          _uint8_error)
