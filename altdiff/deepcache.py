@@ -17,8 +17,10 @@ chosen by `cache_branch_id`. The semantics of the deepcache 0.1.1 package's Deep
 In the webui family the cache is per UNet call within a denoiser call (`slot`), so its separate cond and
 uncond calls keep their features apart.
 
-What a UNet call does depends only on `mode()`, (full step?, slot), fixed before the call: so a full step and
-a cached step are two graphs to record or compile (altdiff.fast_unet), each valid for every step of its kind.
+What a UNet call does depends only on `mode()`, (full step?, slot), fixed before the call, and on `store`, the
+features it keeps (a full step) or reads (a cached step). A recorded or compiled UNet (altdiff.fast_unet) gets
+the store as an input and returns it as an output, so a full step and a cached step are two graphs, each
+valid for every step of its kind.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class DeepCache:
     step: int = 0  # set by the sampling loop before each UNet call (at())
     start: int | None = None
     slot: int = 0
-    full: bool = True  # this call runs every module (and keeps the deep ones' outputs)
-    features: dict = field(default_factory=dict)  # (kind, name, block, layer, slot) -> a deep module's output
+    full: bool = True  # this call runs every module (and keeps the outermost deep ones' outputs)
+    store: dict = field(default_factory=dict)  # this call's features: (kind, name, block, layer) -> output
+    kept: dict = field(default_factory=dict)  # slot -> the store of its last full step
     _last_step: int | None = None
 
     def __post_init__(self):
@@ -48,8 +51,8 @@ class DeepCache:
 
     def reset(self) -> None:
         """A new generation: its first step is the start, nothing is cached."""
-        self.start, self._last_step, self.slot, self.full = None, None, 0, True
-        self.features.clear()
+        self.start, self._last_step, self.slot, self.full, self.store = None, None, 0, True, {}
+        self.kept.clear()
 
     def at(self, step: int, separate_calls: bool = False) -> None:
         """The UNet's next call belongs to `step`. With `separate_calls` a second call in the same step is
@@ -60,8 +63,11 @@ class DeepCache:
         if self.start is None:
             self.start = step
         # a slot with nothing kept yet (the first step, a new cond/uncond call) runs in full
-        self.full = (step - self.start) % self.cache_interval == 0 or not any(
-            key[-1] == self.slot for key in self.features)
+        self.full = (step - self.start) % self.cache_interval == 0 or self.slot not in self.kept
+        if self.full:  # filled by this call (a recorded or compiled UNet returns its own)
+            self.store = self.kept[self.slot] = {}
+        else:
+            self.store = self.kept[self.slot]
 
     def mode(self) -> tuple[bool, int]:
         """What the next UNet call depends on: (full step, slot)."""
@@ -76,19 +82,23 @@ class DeepCache:
             return False
         return layer >= cache_layer if kind == "down" else layer > cache_layer
 
-    def _call(self, key: tuple, deep: bool, forward: Callable, *args, **kwargs):
-        if not deep:
-            return forward(*args, **kwargs)
-        if not self.full:
-            return self.features[(*key, self.slot)]
-        out = self.features[(*key, self.slot)] = forward(*args, **kwargs)
+    def _call(self, key: tuple, deep: bool, keep: bool, forward: Callable, *args, **kwargs):
+        if deep and not self.full:
+            return self.store[key]  # only the outermost deep modules are reached on a cached step
+        out = forward(*args, **kwargs)
+        if keep and self.full:
+            self.store[key] = out
         return out
 
     def attach(self, unet: nn.Module) -> None:
-        """Route the cached modules' calls through the cache (deepcache's numbering), and mark the UNet."""
-        for module, key in _modules(unet):
+        """Route the cached modules' calls through the cache (deepcache's numbering), and mark the UNet. A
+        deep module inside a deep block is never reached on a cached step: only the outermost are kept."""
+        modules = _modules(unet)
+        deep_blocks = {(k[0], k[2]) for _, k in modules if k[1] in ("block", "mid_block") and self.deep(k[0], k[2], k[3])}
+        for module, key in modules:
             deep = self.deep(key[0], key[2], key[3])
-            module.forward = _Routed(self, key, deep, type(module).forward.__get__(module))
+            inside_deep = key[1] not in ("block", "mid_block") and (key[0], key[2]) in deep_blocks
+            module.forward = _Routed(self, key, deep, deep and not inside_deep, type(module).forward.__get__(module))
         unet.deepcache = self
 
     @staticmethod
@@ -101,11 +111,11 @@ class DeepCache:
 class _Routed:
     """A module's forward through the cache (a class, not a closure, so the module can drop it by name)."""
 
-    def __init__(self, cache: DeepCache, key: tuple, deep: bool, forward: Callable):
-        self.cache, self.key, self.deep, self.forward = cache, key, deep, forward
+    def __init__(self, cache: DeepCache, key: tuple, deep: bool, keep: bool, forward: Callable):
+        self.cache, self.key, self.deep, self.keep, self.forward = cache, key, deep, keep, forward
 
     def __call__(self, *args, **kwargs):
-        return self.cache._call(self.key, self.deep, self.forward, *args, **kwargs)
+        return self.cache._call(self.key, self.deep, self.keep, self.forward, *args, **kwargs)
 
 
 def _modules(unet: nn.Module) -> list[tuple[nn.Module, tuple]]:

@@ -22,6 +22,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import attention
 from .unet import UNet
@@ -40,10 +41,12 @@ def _recompile_limit() -> int:
 
 
 def _shape_key(args: tuple, kwargs: dict) -> tuple:
-    """What makes dynamo (dynamic=False) specialise again: tensor shapes, dtypes, devices and Python values."""
+    """What makes dynamo (dynamic=False) specialise again: the arguments' structure, tensor shapes, dtypes,
+    devices and Python values."""
     def one(x):
         return (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x)[:200]
-    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+    leaves, spec = tree_flatten((args, kwargs))
+    return str(spec), tuple(one(x) for x in leaves)
 
 
 def compiled(forward, device: torch.device):
@@ -106,18 +109,31 @@ class FastUNet:
     def __init__(self, unet: UNet, compile: bool, cuda_graphs: bool):
         self.unet, self.compile, self.cuda_graphs = unet, compile, cuda_graphs
         self.key = state_key(unet)
-        # Compiled: every latent size gets its own specialised code, as CUDA graphs need anyway.
-        self.fn = compiled(unet.forward, unet.device) if compile else self._eager
-        # (input shapes, DeepCache mode) -> (graph, its inputs, its output, the DeepCache features it keeps)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor, dict]] = {}
+        # Compiled code holds no hooks (the forward); recorded eager calls keep them (the module).
+        self.forward = unet.forward if compile else unet
+        step = self._deepcache_step if unet.deepcache is not None else self.forward
+        # Compiled: every latent size (and DeepCache step kind) gets its own specialised code, as CUDA graphs
+        # need anyway.
+        self.fn = compiled(step, unet.device) if compile else step
+        # (input shapes, DeepCache mode) -> (graph, its input tensors, the inputs' structure, its output)
+        self.graphs: dict[tuple, tuple] = {}
         self.failed = False
 
     @property
     def deepcache(self):
         return self.unet.deepcache
 
-    def _eager(self, *inputs, variant=None):
-        return self.unet(*inputs)
+    def _deepcache_step(self, *inputs, store: dict | None = None):
+        """One UNet call under DeepCache with its features as an argument and a result, so recorded and compiled
+        graphs carry them: a full step (no `store`) returns (output, the features it kept), a cached step reads
+        `store`."""
+        cache = self.unet.deepcache
+        cache.store = {} if store is None else store
+        out = self.forward(*inputs)
+        return (out, cache.store) if store is None else out
+
+    def _run(self, args: tuple, kwargs: dict, mode):
+        return self.fn(*args, variant=mode, **kwargs) if self.compile else self.fn(*args, **kwargs)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  timestep_cond: torch.Tensor | None = None,
@@ -132,57 +148,63 @@ class FastUNet:
         if timestep_cond is not None:
             inputs.append(timestep_cond.to(sample.dtype))
         cache = self.unet.deepcache
-        mode = cache.mode() if cache is not None else None  # a DeepCache full or cached step: another graph
+        mode = cache.mode() if cache is not None else None  # (full step, slot): another graph each
+        kwargs = {"store": cache.kept[mode[1]]} if mode is not None and not mode[0] else {}
         try:
             if not (self.cuda_graphs and sample.is_cuda):
-                return self.fn(*inputs, variant=mode)
-            shape = tuple((tuple(x.shape), x.dtype) for x in inputs)
-            if (shape, mode) not in self.graphs:
-                if len({s for s, _ in self.graphs} | {shape}) > MAX_GRAPHS:
-                    # the oldest shape with all its graphs (a cached step's reads a full step's buffers);
-                    # frees their memory pools
-                    oldest = next(iter(self.graphs))[0]
-                    self.graphs = {k: v for k, v in self.graphs.items() if k[0] != oldest}
-                self.graphs[(shape, mode)] = self._capture(inputs, mode)
+                result = self._run(tuple(inputs), kwargs, mode)
+            else:
+                result = self._replay(inputs, kwargs, mode)
         except (*COMPILE_ERRORS, CaptureError) as e:
             _warn_fallback("fast UNet", e)
             self.failed = True
             self.graphs.clear()
             if cache is not None:
-                cache.reset()  # features recorded in a graph's buffers go with it
+                cache.store = cache.kept[mode[1]] = {} if mode[0] else cache.kept[mode[1]]
             return self.unet(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
-        graph, static_inputs, static_out, features = self.graphs[(shape, mode)]
-        for static, x in zip(static_inputs, inputs):
+        if mode is not None and mode[0]:
+            result, cache.kept[mode[1]] = result
+        return result
+
+    def _replay(self, inputs: list[torch.Tensor], kwargs: dict, mode):
+        """Replay the graph recorded for these shapes and mode (recording it first); its outputs cloned, never
+        the graph's own buffers, which the next replay overwrites."""
+        leaves, spec = tree_flatten((inputs, kwargs))
+        key = (spec, tuple((tuple(x.shape), x.dtype) for x in leaves), mode)
+        if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                del self.graphs[next(iter(self.graphs))]  # the oldest; frees its memory pool
+            self.graphs[key] = self._capture(leaves, spec, mode)
+        graph, static_leaves, static_out = self.graphs[key]
+        for static, x in zip(static_leaves, leaves):
             static.copy_(x)
         graph.replay()
-        if features:  # a full step: the replay refreshed its kept features in place; the cache points at them
-            cache.features.update(features)
-        return static_out.clone()
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
 
-    def _capture(self, inputs: list[torch.Tensor], mode: tuple | None):
+    def _capture(self, leaves: list[torch.Tensor], spec, mode):
         """Warm up (compiling, choosing kernels) on a side stream as torch.cuda.graphs requires, then record
-        one call. A DeepCache full step also returns the features it kept: the graph's own buffers, which its
-        replays rewrite and the same shape's cached-step graph reads."""
-        static_inputs = [x.clone() for x in inputs]
-        stream = torch.cuda.Stream(device=inputs[0].device)
+        one call."""
+        static_leaves = [x.clone() for x in leaves]
+
+        def call():
+            args, kwargs = tree_unflatten(static_leaves, spec)
+            return self._run(tuple(args), kwargs, mode)
+        stream = torch.cuda.Stream(device=leaves[0].device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.fn(*static_inputs, variant=mode)
+                call()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: another thread's CUDA work (a second pipeline, a data loader) cannot break it.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.fn(*static_inputs, variant=mode)
+                static_out = call()
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
             raise CaptureError(str(e)) from e
-        features = {}
-        if mode is not None and mode[0]:
-            features = {k: v for k, v in self.unet.deepcache.features.items() if k[-1] == mode[1]}
-        return graph, static_inputs, static_out, features
+        return graph, static_leaves, static_out
 
 
 class CompiledForward:

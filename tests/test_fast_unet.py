@@ -200,10 +200,13 @@ def test_compile_and_cuda_graphs_arguments(m9_folder):
 def test_token_merging_and_deepcache_compile(m9_folder):
     """The speed knobs under compile=True on a real dynamo backend: ToMe's merge traces with static shapes (it
     used nonzero(), a data-dependent shape that made the UNet fall back to eager) and DeepCache's full and
-    cached steps are two compiled specialisations; each image equals the eager pipeline's with the knob."""
+    cached steps are two compiled specialisations, no more (dynamo's recompile limit is set to 2: a guard on
+    the kept features would recompile every step and fall back with a warning), whose cached steps read the
+    latest full step's features (6 steps at interval 2: three cycles); each image equals the eager
+    pipeline's with the knob."""
     fast = altdiff.load(m9_folder, device="cpu", compile=True, safety_checker=False)
     plain = altdiff.load(m9_folder, device="cpu", safety_checker=False)
-    kw = dict(GEN, height=64, width=64)
+    kw = dict(GEN, height=64, width=64, num_inference_steps=6, sampler="ddim")
     without = plain.generate("a cat", **kw).images
     for knob in ("tome", "deepcache"):
         for pipe in (fast, plain):
@@ -213,7 +216,7 @@ def test_token_merging_and_deepcache_compile(m9_folder):
                 pipe.enable_token_merging(0.5)
             else:
                 pipe.enable_deepcache(cache_interval=2, cache_branch_id=0)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=2):
             warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
             image = fast.generate("a cat", **kw).images
         runner = fast.unet_runner()
