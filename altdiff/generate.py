@@ -39,6 +39,14 @@ logger = logging.getLogger("altdiff")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A model named by a source string (altdiff.generate's `model="..."`): `load()` runs once generate() has
+    checked the other arguments, so a bad argument fails before a model loads."""
+
+    load: Callable[[], Pipeline]
+
+
 @dataclass
 class GenerationResult:
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -411,7 +419,7 @@ def _from_infotext(source, given: dict) -> dict:
     return {**given, **{k: v for k, v in found.items() if given.get(k, defaults.get(k)) == defaults.get(k)}}
 
 
-def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
+def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSource,
              image: ImageInput | None = None, strength: float = 0.8, height: int | None = None,
              width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
              negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
@@ -433,7 +441,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
              hires: hires.HiresOptions | dict | None = None, token_merging_ratio: float | None = None,
              infotext: str | Path | PIL.Image.Image | None = None):
     """Text-to-image, or image-to-image when `image` is given, on the Pipeline `model` (`altdiff.generate` also
-    takes a source string: altdiff.pipeline.get_model). Arguments as in diffusers' AltDiffusion pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
+    takes a source string, loaded after the checks: ModelSource, altdiff.pipeline.get_model). Arguments as in diffusers' AltDiffusion pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
     per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
     AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
@@ -485,7 +493,7 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline,
     elif seed is not None:
         generator = _generators_from_seed(seed)
     total = batch_size * num_images_per_prompt
-    pipe = model
+    pipe = model.load() if isinstance(model, ModelSource) else model
     webui_inpaint = family == "webui" and mask_image is not None  # the webui's mask handling sizes the image
     init_image, shape = _check_for_model(pipe, None if webui_inpaint else image, height, width, latents,
                                          prompt_embeds, negative_prompt_embeds, total,

@@ -21,6 +21,7 @@ from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (DTYPES: we
 from .config import ModelIndex, SchedulerConfig
 from .deepcache import DeepCache
 from .fast_unet import FastUNet, set_compiled, state_key
+from .generate import ModelSource
 from .generate import encode_prompt as _encode_prompt
 from .generate import generate as _generate
 from .hub import resolve
@@ -411,5 +412,8 @@ def get_model(model: Pipeline | str | None) -> Pipeline:
 
 @functools.wraps(_generate)
 def generate(prompt=None, *, model: Pipeline | str | None = None, **kwargs):
-    # A source string is loaded before the loop checks the other arguments.
-    return _generate(prompt, model=get_model(model), **kwargs)
+    if not (model is None or isinstance(model, (Pipeline, str))):
+        raise TypeError(f"model: expected an altdiff.Pipeline or a source string, got {type(model).__name__}")
+    # A source string is loaded once the loop has checked the other arguments.
+    return _generate(prompt, model=model if isinstance(model, Pipeline) else ModelSource(
+        functools.partial(get_model, model)), **kwargs)

@@ -780,3 +780,18 @@ def test_loader_threads_get_the_callers_current_gpu(m9_folder, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     pipeline._load(m9_folder, torch.device("cuda"), torch.float32, None, False, None, None)
     assert given == [torch.device("cuda", 1)] * 3
+
+
+def test_a_bad_argument_fails_before_a_model_string_loads(monkeypatch):
+    """altdiff.generate(model="source") checks the other arguments first: a typo costs no model load."""
+    from altdiff import pipeline
+
+    loads = []
+    monkeypatch.setattr(pipeline, "load", lambda source, **kwargs: loads.append(source))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        altdiff.generate("a cat", model="org/never-loaded", num_inference_steps=0)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        altdiff.generate("a cat", guidance_rescale=-1.0)  # nor the default hub model
+    with pytest.raises(TypeError, match="model: expected an altdiff.Pipeline or a source string, got int"):
+        altdiff.generate("a cat", model=3)
+    assert loads == []
