@@ -94,11 +94,12 @@ class DeepCache:
         """Route the cached modules' calls through the cache (deepcache's numbering), and mark the UNet. A
         deep module inside a deep block is never reached on a cached step: only the outermost are kept."""
         modules = _modules(unet)
-        deep_blocks = {(k[0], k[2]) for _, k in modules if k[1] in ("block", "mid_block") and self.deep(k[0], k[2], k[3])}
-        for module, key in modules:
-            deep = self.deep(key[0], key[2], key[3])
-            inside_deep = key[1] not in ("block", "mid_block") and (key[0], key[2]) in deep_blocks
-            module.forward = _Routed(self, key, deep, deep and not inside_deep, type(module).forward.__get__(module))
+        whole = ("block", "mid_block")
+        deep_blocks = {(kind, b) for _, (kind, name, b, layer) in modules if name in whole and self.deep(kind, b, layer)}
+        for module, (kind, name, b, layer) in modules:
+            deep = self.deep(kind, b, layer)
+            keep = deep and (name in whole or (kind, b) not in deep_blocks)
+            module.forward = _Routed(self, (kind, name, b, layer), deep, keep, type(module).forward.__get__(module))
         unet.deepcache = self
 
     @staticmethod

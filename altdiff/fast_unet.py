@@ -91,8 +91,9 @@ def state_key(module: nn.Module) -> tuple:
     params = tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
     freeu = getattr(module, "freeu", None)
     cache = getattr(module, "deepcache", None)
+    deepcache = (cache.cache_interval, cache.cache_branch_id) if cache is not None else None
     return (params, tuple(sorted(freeu.items())) if freeu else None, getattr(module, "token_merging", None),
-            (cache.cache_interval, cache.cache_branch_id) if cache is not None else None, attention._slice_size)
+            deepcache, attention._slice_size)
 
 
 def _warn_fallback(what: str, e: Exception) -> None:
@@ -115,7 +116,7 @@ class FastUNet:
         # Compiled: every latent size (and DeepCache step kind) gets its own specialised code, as CUDA graphs
         # need anyway.
         self.fn = compiled(step, unet.device) if compile else step
-        # (input shapes, DeepCache mode) -> (graph, its input tensors, the inputs' structure, its output)
+        # (inputs' structure, their shapes, DeepCache mode) -> (graph, its input tensors, its output)
         self.graphs: dict[tuple, tuple] = {}
         self.failed = False
 
@@ -124,9 +125,9 @@ class FastUNet:
         return self.unet.deepcache
 
     def _deepcache_step(self, *inputs, store: dict | None = None):
-        """One UNet call under DeepCache with its features as an argument and a result, so recorded and compiled
-        graphs carry them: a full step (no `store`) returns (output, the features it kept), a cached step reads
-        `store`."""
+        """One UNet call under DeepCache with its features as an argument and a result, so recorded and
+        compiled graphs carry them: a full step (no `store`) returns (output, the features it kept), a cached
+        step reads `store`."""
         cache = self.unet.deepcache
         cache.store = {} if store is None else store
         out = self.forward(*inputs)
@@ -159,8 +160,8 @@ class FastUNet:
             _warn_fallback("fast UNet", e)
             self.failed = True
             self.graphs.clear()
-            if cache is not None:
-                cache.store = cache.kept[mode[1]] = {} if mode[0] else cache.kept[mode[1]]
+            if mode is not None and mode[0]:  # the eager call fills the slot's store, not one a failed try made
+                cache.store = cache.kept[mode[1]] = {}
             return self.unet(sample, timestep, encoder_hidden_states, timestep_cond, cross_attention_kwargs)
         if mode is not None and mode[0]:
             result, cache.kept[mode[1]] = result

@@ -441,9 +441,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSo
              hires: hires.HiresOptions | dict | None = None, token_merging_ratio: float | None = None,
              infotext: str | Path | PIL.Image.Image | None = None):
     """Text-to-image, or image-to-image when `image` is given, on the Pipeline `model` (`altdiff.generate` also
-    takes a source string, loaded after the checks: ModelSource, altdiff.pipeline.get_model). Arguments as in diffusers' AltDiffusion pipelines; `sampler` picks a sampler by name (None: the model's scheduler config), `seed` an int (or one
-    per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads prompts as the
-    AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
+    takes a source string, loaded after the checks: ModelSource, altdiff.pipeline.get_model). Arguments as in
+    diffusers' AltDiffusion pipelines; `sampler` picks a sampler by name (None: the model's scheduler config),
+    `seed` an int (or one per image) makes CPU generators, `progress` shows a tqdm bar, `a1111_prompts` reads
+    prompts as the AUTOMATIC1111 webui does ((word:1.2) emphasis, BREAK, no 77-token limit; see altdiff.prompts) with its
     `<lora:NAME:w>` tags resolved in `lora_dir` for this call; embeddings in `embeddings_dir` apply where a
     prompt names their file (altdiff.networks.prompt_networks). `mask_image` with `image` inpaints as diffusers'
     StableDiffusionInpaintPipeline does with a 4-channel UNet (white = repaint).

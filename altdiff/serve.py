@@ -135,9 +135,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     errors.install(app)
     for router in (generation.router, options.router, lists.router, control.router, extras.router, page.router):
         app.include_router(router)
-    schema = app.openapi
-    app.openapi = lambda: models.with_limits(
-        copy.deepcopy(schema()), config.limits, list(dict.fromkeys(n for m in worker.models for n in (m.title, m.model_name))))
+    schema = app.openapi  # FastAPI's, cached: each answer edits a copy with the current models
+    app.openapi = lambda: models.with_limits(copy.deepcopy(schema()), config.limits, list(dict.fromkeys(
+        name for m in worker.models for name in (m.title, m.model_name))))
     return app
 
 
