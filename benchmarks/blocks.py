@@ -77,24 +77,35 @@ def _compile_diffusers(ref, s: Settings) -> None:
     (`fast_unet.compiled`): reduce-overhead has no graphs to record there and is slower than eager, and
     freezing is what makes compiled code pay on the CPU. It compiles on its first call."""
     if not hasattr(ref, "compiled_unet"):
-        if s.device.type == "cpu":
-            ref.compiled_unet = compiled(ref.unet.forward, s.device)
-        else:
-            ref.compiled_unet = torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
+        ref.compiled_unet = _compile_diffusers_unet(ref, s)
+
+
+def _compile_diffusers_unet(ref, s: Settings):
+    """A compiled callable of diffusers' UNet as it is now (with a package's patch, if any): see
+    `_compile_diffusers`."""
+    if s.device.type == "cpu":
+        return compiled(ref.unet.forward, s.device)
+    return torch.compile(ref.unet, mode="reduce-overhead", fullgraph=True)
 
 
 @contextmanager
-def _diffusers_compiled(ref, s: Settings) -> Iterator[None]:
-    """diffusers' pipeline calling its compiled UNet: on the CPU the compiled forward is set on the module
-    (as altdiff's CompiledForward is), on CUDA the compiled module replaces it."""
+def _diffusers_compiled(ref, s: Settings, fast=None) -> Iterator[None]:
+    """diffusers' pipeline calling its compiled UNet (`fast`, default `ref.compiled_unet`): on the CPU the
+    compiled forward is set on the module (as altdiff's CompiledForward is) and a forward a package had set
+    there (deepcache's) is put back afterwards; on CUDA the compiled module replaces it."""
+    fast = ref.compiled_unet if fast is None else fast
     if s.device.type == "cpu":
-        ref.unet.forward = ref.compiled_unet
+        patched = ref.unet.__dict__.get("forward")
+        ref.unet.forward = fast
         try:
             yield
         finally:
-            del ref.unet.forward
+            if patched is None:
+                del ref.unet.forward
+            else:
+                ref.unet.forward = patched
     else:
-        eager, ref.unet = ref.unet, ref.compiled_unet
+        eager, ref.unet = ref.unet, fast
         try:
             yield
         finally:
@@ -387,24 +398,11 @@ def _knob_compiled(name: str, alt, ref, s: Settings, **altdiff_only) -> list[Res
     eager alone."""
     common = _e2e(alt, ref, s.size, s.steps, **altdiff_only)
     shape = f"t2i {s.size}x{s.size}, {s.steps} steps"
-    patched = ref.unet.__dict__.get("forward")  # a package may wrap the forward itself (deepcache does)
-    fast = compiled(ref.unet.forward, s.device) if s.device.type == "cpu" else torch.compile(
-        ref.unet, mode="reduce-overhead", fullgraph=True)
+    fast = _compile_diffusers_unet(ref, s)  # the package's patched UNet, not a cached plain one
 
     def ref_compiled():
-        eager = ref.unet
-        if s.device.type == "cpu":
-            ref.unet.forward = fast
-        else:
-            ref.unet = fast
-        try:
+        with _diffusers_compiled(ref, s, fast):
             return common["diffusers"]()
-        finally:
-            ref.unet = eager
-            if patched is not None:
-                ref.unet.forward = patched
-            else:
-                ref.unet.__dict__.pop("forward", None)
     runs = {"altdiff compiled": _with_compile(alt, common["altdiff"], True), "diffusers compiled": ref_compiled,
             "altdiff eager": _with_compile(alt, common["altdiff"], False), "diffusers eager": common["diffusers"]}
     try:
