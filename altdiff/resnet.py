@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
@@ -15,7 +17,7 @@ class ResnetBlock(nn.Module):
         self.output_scale = output_scale
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch is not None else None
+        self.time_emb_proj = Linear(temb_ch, out_ch) if temb_ch is not None else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None

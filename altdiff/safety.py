@@ -19,6 +19,7 @@ from torch import nn
 
 from altdiff.attention import attention
 from altdiff.config import ConfigError, ImageProcessorConfig, SafetyConfig
+from altdiff.linear import Linear
 from altdiff.weights import SafetensorsFile, check_weights, find_weights, load_module, open_weights
 
 # Older transformers saved CLIP's position ids (an arange) with the weights; we compute them.
@@ -42,10 +43,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, cfg: SafetyConfig):
         super().__init__()
         self.heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
@@ -55,8 +56,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, cfg: SafetyConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -143,7 +144,7 @@ class SafetyChecker(nn.Module):
         self.cfg = cfg
         self.processor = processor if processor is not None else ImageProcessorConfig()
         self.vision_model = CLIPVisionModel(cfg)
-        self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+        self.visual_projection = Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
         self.concept_embeds = nn.Parameter(torch.empty(NUM_CONCEPTS, cfg.projection_dim), requires_grad=False)
         self.special_care_embeds = nn.Parameter(torch.empty(NUM_SPECIAL_CARE, cfg.projection_dim),
                                                 requires_grad=False)

@@ -17,6 +17,7 @@ from torch import nn
 from .attention import attention
 from .checks import is_int
 from .config import TextEncoderConfig
+from .linear import Linear
 from .weights import find_weights, load_module, open_weights
 
 # Checkpoint keys the model does not use: the pooler, the position-id buffer that older transformers saved,
@@ -50,12 +51,12 @@ class Layer(nn.Module):
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.attention = nn.ModuleDict({
-            "self": nn.ModuleDict({name: nn.Linear(d, d) for name in ("query", "key", "value")}),
-            "output": nn.ModuleDict({"dense": nn.Linear(d, d),
+            "self": nn.ModuleDict({name: Linear(d, d) for name in ("query", "key", "value")}),
+            "output": nn.ModuleDict({"dense": Linear(d, d),
                                      "LayerNorm": nn.LayerNorm(d, eps=cfg.layer_norm_eps)}),
         })
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, cfg.intermediate_size)})
-        self.output = nn.ModuleDict({"dense": nn.Linear(cfg.intermediate_size, d),
+        self.intermediate = nn.ModuleDict({"dense": Linear(d, cfg.intermediate_size)})
+        self.output = nn.ModuleDict({"dense": Linear(cfg.intermediate_size, d),
                                      "LayerNorm": nn.LayerNorm(d, eps=cfg.layer_norm_eps)})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,9 +106,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.roberta = Roberta(cfg)
-        self.transformation = nn.Linear(cfg.hidden_size, cfg.project_dim)
+        self.transformation = Linear(cfg.hidden_size, cfg.project_dim)
         if cfg.has_pre_transformation:
-            self.transformation_pre = nn.Linear(cfg.hidden_size, cfg.project_dim)
+            self.transformation_pre = Linear(cfg.hidden_size, cfg.project_dim)
             self.pre_LN = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     @property

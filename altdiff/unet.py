@@ -17,6 +17,7 @@ from torch import nn
 from . import checks, tome
 from .attention import attention
 from .config import UNetConfig
+from .linear import Linear
 from .resnet import Downsample, ResnetBlock, Upsample
 from .weights import find_weights, load_module, open_weights
 
@@ -48,9 +49,9 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int, cond_dim: int | None):
         super().__init__()
         # Guidance-scale embedding (LCM-style `timestep_cond`), added to the sinusoidal embedding.
-        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.cond_proj = Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, t_emb: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is not None:
@@ -64,11 +65,11 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
         self.heads, self.upcast = heads, upcast
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
         # A list only for the checkpoint key `to_out.0` (diffusers' to_out.1 is a parameterless dropout).
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_out = nn.ModuleList([Linear(dim, dim)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -79,7 +80,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -90,7 +91,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # Index 1 is diffusers' dropout; the identity keeps the checkpoint keys net.0 / net.2.
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -127,7 +128,7 @@ class Transformer2D(nn.Module):
         inner = heads * (channels // heads)
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
-        proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        proj = Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, cfg.cross_attention_dim, cfg.upcast_attention)

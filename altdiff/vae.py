@@ -19,6 +19,7 @@ from torch import nn
 from .attention import attention
 from .checks import is_int, is_number, plain
 from .config import VAEConfig
+from .linear import Linear
 from .resnet import Downsample, ResnetBlock, Upsample
 from .rng import Generator, randn_tensor
 from .weights import find_weights, load_module, open_weights
@@ -33,10 +34,10 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = nn.ModuleList([Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
