@@ -409,6 +409,18 @@ def _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subs
     return "webui" if any(webui_only) else "diffusers"
 
 
+def _check_diffusers_family(sampler, image, mask_image, inpaint_options, hires) -> None:
+    """What the diffusers family refuses, before a model loads."""
+    for name, value in (("inpaint_options", inpaint_options), ("hires", hires)):
+        if value is not None:
+            raise ValueError(f"{name}: the webui's inpainting options and hires fix are the webui family's; "
+                             "drop family='diffusers'")
+    if mask_image is not None and image is None:
+        raise ValueError("mask_image: inpainting needs `image`, the picture the mask applies to")
+    if sampler:  # None or "": the config's sampler
+        get_sampler(sampler)
+
+
 def _from_infotext(source, given: dict) -> dict:
     """generate()'s arguments for an infotext: its values for every argument `given` leaves at its default."""
     prompt_text, negative, params = infotext_io.parse(infotext_io.text_of(source))
@@ -491,8 +503,10 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSo
                                    guidance_rescale, image, mask_image, inpaint_options, hires, output_type,
                                    callback_on_step_end_tensor_inputs)
         sampler = None
-    elif seed is not None:
-        generator = _generators_from_seed(seed)
+    else:
+        _check_diffusers_family(sampler, image, mask_image, inpaint_options, hires)
+        if seed is not None:
+            generator = _generators_from_seed(seed)
     total = batch_size * num_images_per_prompt
     pipe = model.load() if isinstance(model, ModelSource) else model
     webui_inpaint = family == "webui" and mask_image is not None  # the webui's mask handling sizes the image
@@ -509,14 +523,8 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSo
             return images, nsfw
         return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks_infotext,
                                 infotexts=infotexts)
-    for name, value in (("inpaint_options", inpaint_options), ("hires", hires)):
-        if value is not None:
-            raise ValueError(f"{name}: the webui's inpainting options and hires fix are the webui family's; "
-                             "drop family='diffusers'")
     eta = eta or 0.0
     if mask_image is not None:
-        if image is None:
-            raise ValueError("mask_image: inpainting needs `image`, the picture the mask applies to")
         pixel_mask = inpaint.diffusers_mask(mask_image, tuple(init_image.shape[2:]))
     sampler = sampler or sampler_for_config(pipe.scheduler_config)
     sample_fn = get_sampler(sampler)

@@ -794,4 +794,9 @@ def test_a_bad_argument_fails_before_a_model_string_loads(monkeypatch):
         altdiff.generate("a cat", guidance_rescale=-1.0)  # nor the default hub model
     with pytest.raises(TypeError, match="model: expected an altdiff.Pipeline or a source string, got int"):
         altdiff.generate("a cat", model=3)
+    for bad, match in [(dict(sampler="eulerr"), "sampler: unknown sampler 'eulerr'"),
+                       (dict(mask_image=PIL.Image.new("L", (8, 8))), "mask_image: inpainting needs `image`"),
+                       (dict(family="diffusers", hires={"scale": 2}), "hires: .* the webui family's")]:
+        with pytest.raises(ValueError, match=match):
+            altdiff.generate("a cat", **bad)  # the diffusers family's own refusals
     assert loads == []
