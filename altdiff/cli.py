@@ -21,7 +21,8 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
     p.add_argument("--no-safety-checker", action="store_true", help="skip the NSFW checker")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet: about a minute per image size, then faster steps")
+                   help="torch.compile the UNet, text encoder, VAE decoder and safety checker: minutes per image size "
+                        "the first time, then faster images")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the UNet eagerly on CUDA instead of replaying a recorded CUDA graph per image size")
     vram = p.add_mutually_exclusive_group()

@@ -35,7 +35,12 @@ def main(argv: list[str]) -> dict:
     # Every import (diffusers resolves its classes lazily) happens before the baseline, whichever is measured.
     import diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series  # noqa: F401
     import diffusers.pipelines.stable_diffusion.safety_checker  # noqa: F401
-    from diffusers import AltDiffusionPipeline, AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # noqa: F401
+    from diffusers import (  # noqa: F401
+        AltDiffusionPipeline,
+        AutoencoderKL,
+        PNDMScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPImageProcessor, XLMRobertaTokenizer  # noqa: F401
 
     import altdiff  # noqa: F401
