@@ -2,7 +2,7 @@
 
 PyTorch sends a CPU fp32 linear to MKL's sgemm, in eager mode and in inductor's frozen graphs alike. On the
 AMD EPYC (AVX-512) we benchmark on, oneDNN runs the UNet's, text encoder's and safety checker's shapes
-1.6-2.4x faster (e.g. (8192, 320) x (320, 2560): 220 vs 135 GFLOP/s), and linears are half of a compiled
+1.6-2.4x faster (e.g. (8192, 320) x (320, 2560): 219 vs 139 GFLOP/s), and linears are half of a compiled
 ToMe UNet step there. Same sums in another order, so outputs move by float rounding (~1e-6 relative): eager
 code keeps `F.linear` and its bits (diffusers' and the webui's); compiled code, which inductor already
 reorders, takes the faster kernel. bf16 already goes to oneDNN. oneDNN has no backward for this op, so the
