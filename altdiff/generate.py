@@ -141,11 +141,12 @@ def _check_unicode(name: str, texts: list[str]) -> None:
                              "decode bytes as UTF-8 first") from None
 
 
-def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
+def _check_inputs(*, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                   num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
                   output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
-                  callback_steps, sized_image: bool = False) -> int:
-    """Everything checkable before a model runs; returns the prompt batch size."""
+                  callback_steps, sized_image: bool) -> int:
+    """Everything checkable before a model runs; returns the prompt batch size. Keyword-only: twenty
+    arguments by position are one slip from checking the wrong one."""
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("prompt and prompt_embeds: pass one of them, not both")
     if prompt is None and prompt_embeds is None:
@@ -493,15 +494,22 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSo
         tome.TokenMerging(plain(token_merging_ratio))  # checked before the model loads
     family = _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
                      s_min_uncond, inpaint_options, hires)
-    batch_size = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
-                               num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, seed,
-                               output_type, callback_on_step_end_tensor_inputs, strength, guidance_rescale, image,
-                               callback_steps, family == "webui" and mask_image is not None)
+    batch_size = _check_inputs(
+        prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, seed=seed,
+        output_type=output_type, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        strength=strength, guidance_rescale=guidance_rescale, image=image, callback_steps=callback_steps,
+        sized_image=family == "webui" and mask_image is not None)
     if family == "webui":
-        webui = webui_family.check(sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
-                                   s_min_uncond, generator, latents, prompt_embeds, negative_prompt_embeds,
-                                   guidance_rescale, image, mask_image, inpaint_options, hires, output_type,
-                                   callback_on_step_end_tensor_inputs)
+        webui = webui_family.check(
+            sampler=sampler, scheduler=scheduler, rng=rng, ensd=eta_noise_seed_delta, subseed=subseed,
+            subseed_strength=subseed_strength, s_min_uncond=s_min_uncond, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            guidance_rescale=guidance_rescale, image=image, mask_image=mask_image,
+            inpaint_options=inpaint_options, hires_options=hires, output_type=output_type,
+            tensor_inputs=callback_on_step_end_tensor_inputs)
         sampler = None
     else:
         _check_diffusers_family(sampler, image, mask_image, inpaint_options, hires)

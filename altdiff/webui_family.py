@@ -41,9 +41,9 @@ class Choices:
     hires: hires.HiresOptions | None
 
 
-def check(sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min_uncond, generator, latents,
-                 prompt_embeds, negative_prompt_embeds, guidance_rescale, image, mask_image, inpaint_options,
-                 hires_options, output_type, tensor_inputs) -> Choices:
+def check(*, sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min_uncond, generator, latents,
+          prompt_embeds, negative_prompt_embeds, guidance_rescale, image, mask_image, inpaint_options,
+          hires_options, output_type, tensor_inputs) -> Choices:
     """The webui family's arguments; what it does not take is named."""
     for name, value, why in (
             ("generator", generator, "its noise comes from `seed` (one generator per image, `rng` source)"),
