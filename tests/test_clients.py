@@ -2,8 +2,10 @@
 API tests (AUTOMATIC1111/stable-diffusion-webui test/test_txt2img.py, test/test_img2img.py: their request
 payloads and every variation they make), SillyTavern's stable-diffusion endpoint (src/endpoints/
 stable-diffusion.js: its start-up list calls and the generate body it forwards whole, its own `url`, `auth`
-and `clip_skip` fields included) and Open WebUI's automatic1111 image backend (its model switch through
-/options and its txt2img body). Every call gets a 200 in the webui's response shape, or a 422 naming the field
+and `clip_skip` fields included), Open WebUI's automatic1111 image backend (its model switch through
+/options and its txt2img body) and the AIYA Discord bot (Kilvoctu/aiyabot core/settings.py and
+core/stablecog.py: its start-up lists and its txt2img, hires and img2img bodies, with a fractional
+`steps / 2` and strings for numbers). Every call gets a 200 in the webui's response shape, or a 422 naming the field
 for a feature that needs another model or altdiff does not do (face restoration, tiling, the SD-upscale
 script)."""
 
@@ -161,3 +163,52 @@ def test_open_webui_automatic1111_backend(url):
         "prompt": "一只猫", "batch_size": 2, "width": 64, "height": 64, "steps": 3,
         "negative_prompt": "blurry"}), 2)
     assert info["all_prompts"] == ["一只猫", "一只猫"]
+
+
+# --- AIYA (Discord bot) ------------------------------------------------------------------------------------------
+
+def aiya_payload(steps=3) -> dict:
+    """stablecog.py's payload at the bot's defaults (its config.toml keeps guidance and strength as strings)."""
+    return {"prompt": "a cat", "negative_prompt": "", "steps": steps, "width": 64, "height": 64,
+            "cfg_scale": "7.0", "sampler_index": "Euler a", "seed": 1234, "seed_resize_from_h": -1,
+            "seed_resize_from_w": -1, "denoising_strength": None, "n_iter": 1, "batch_size": 1,
+            "styles": ["None"], "override_settings": {"CLIP_stop_at_last_layers": 1}}
+
+
+def test_aiya_start_up_lists(url):
+    """settings.startup_check: /cmd-flags answers, /config and /version may 404 (it reads their JSON under a
+    try), then every list is iterated with the keys it reads: a 404's {"detail": ...} would break it."""
+    assert requests.get(f"{url}/sdapi/v1/cmd-flags", timeout=60).status_code == 200
+    for route in ("config", "sdapi/v1/version"):
+        assert isinstance(requests.get(f"{url}/{route}", timeout=60).json(), dict)
+    keys = {"samplers": {"name"}, "prompt-styles": {"name", "prompt", "negative_prompt"}, "face-restorers": {"name"},
+            "hypernetworks": {"name"}, "upscalers": {"name"}, "loras": {"alias"},
+            "sd-models": {"filename", "title", "hash", "model_name"}}
+    for route, needed in keys.items():
+        rows = requests.get(f"{url}/sdapi/v1/{route}", timeout=60).json()
+        assert isinstance(rows, list) and all(needed <= set(row) for row in rows), route
+    embeddings = requests.get(f"{url}/sdapi/v1/embeddings", timeout=60).json()
+    assert all(isinstance(embeddings[k], dict) for k in ("loaded", "skipped"))
+
+
+def test_aiya_generates(url):
+    """The /dream body; hires as the bot sends it (`hr_scale: 1`, `hr_second_pass_steps: int(steps) / 2`, a
+    float with a fraction for odd steps, which the webui's pydantic 1 truncates); img2img with a data URL and
+    the strength as a string; png-info on its answer; a model switch by POST /options."""
+    title = requests.get(f"{url}/sdapi/v1/sd-models", timeout=60).json()[0]["title"]
+    assert requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": title}, timeout=300).ok
+    plain = images_answer(requests.post(f"{url}/sdapi/v1/txt2img", json=aiya_payload(), timeout=300), 1)
+    assert "Sampler: Euler a" in plain["infotexts"][0] and "CFG scale: 7.0" in plain["infotexts"][0]
+    hires = {**aiya_payload(), "enable_hr": True, "hr_upscaler": "Latent", "hr_second_pass_steps": 3 / 2,
+             "denoising_strength": "0.75"}
+    same_size = images_answer(requests.post(f"{url}/sdapi/v1/txt2img", json={**hires, "hr_scale": 1},
+                                            timeout=300), 1)
+    assert same_size["infotexts"] == plain["infotexts"]  # the webui: "the user has chosen to do nothing"
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json={**hires, "hr_scale": 2}, timeout=300)
+    assert "Hires upscale: 2.0, Hires steps: 1, Hires upscaler: Latent" in images_answer(r, 1)["infotexts"][0]
+    image = "data:image/png;base64," + r.json()["images"][0]
+    assert "Hires steps: 1" in requests.post(f"{url}/sdapi/v1/png-info", json={"image": image}, timeout=60).json()["info"]
+    init = {**aiya_payload(), "init_images": ["data:image/png;base64," + b64(PIL.Image.new("RGB", (64, 64), "teal"))],
+            "denoising_strength": "0.75"}
+    info = images_answer(requests.post(f"{url}/sdapi/v1/img2img", json=init, timeout=300), 1)
+    assert "Denoising strength: 0.75" in info["infotexts"][0]

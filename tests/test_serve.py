@@ -357,9 +357,10 @@ def png_claiming(width, height) -> str:
 
 PNG = b64png(random_image(40, 40))
 BAD = [
-    ("txt2img", {"steps": "2.5"}, "steps"), ("txt2img", {"width": 64.5}, "width"),
-    ("txt2img", {"prompt": 5}, "prompt"), ("txt2img", {"seed": "x"}, "seed"),
-    ("txt2img", {"override_settings": []}, "override_settings"),
+    # The webui's pydantic 1 reads 64.5 as 64, 5 as "5" and [] as {}; these it refuses too.
+    ("txt2img", {"steps": "2.5"}, "steps"), ("txt2img", {"width": "64.5"}, "width"),
+    ("txt2img", {"prompt": {"a": 1}}, "prompt"), ("txt2img", {"seed": "x"}, "seed"),
+    ("txt2img", {"override_settings": "x"}, "override_settings"),
     ("txt2img", {"width": 36}, "width"), ("txt2img", {"height": 20}, "height"),
     ("txt2img", {"steps": 0}, "steps"), ("txt2img", {"steps": 151}, "steps"),
     ("txt2img", {"width": 2048, "height": 2048}, "width"), ("txt2img", {"batch_size": 9}, "batch_size"),

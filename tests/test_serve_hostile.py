@@ -6,23 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
+import operator
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
+import typing
 from pathlib import Path
 
 import PIL.Image
+import pydantic
+import pydantic.v1
 import pytest
 import requests
 from PIL.PngImagePlugin import PngInfo
 from serving import Server
 from starlette.routing import Router
 
+from altdiff.api.extras import ExtrasSingleRequest
+from altdiff.api.models import Img2ImgRequest, Txt2ImgRequest
 from altdiff.serve import Guard, ServeConfig, create_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +92,44 @@ def test_lax_values_are_read_as_the_webui_reads_them(hostile):
     assert r.status_code == 200, r.text
     assert r.headers["X-Altdiff-Ignored-Fields"] == "['controlnet_units', 'extra']"
     assert r.json()["parameters"]["steps"] == 1 and "controlnet_units" not in r.json()["parameters"]
+
+
+def _plain(tp):
+    """A type without its Annotated validators, for pydantic 1."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return _plain(typing.get_args(tp)[0])
+    args = typing.get_args(tp)
+    if not args:
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, map(_plain, args))
+    return typing.get_origin(tp)[tuple(map(_plain, args))]
+
+
+LAX = [12.5, -1.5, 512.0, 7, "12", " 12 ", "12.5", "7.0", "abc", "", True, False, 0, 1, "yes", "off", 123,
+       1e30, [1], ["a", 2], [], ["ab"], {"a": 1}]
+
+
+@pytest.mark.parametrize("model", [Txt2ImgRequest, Img2ImgRequest, ExtrasSingleRequest])
+def test_request_fields_read_values_as_the_webuis_pydantic_1(model):
+    """The webui's request models are pydantic 1's (fastapi 0.94): every field of ours, given each value,
+    takes what pydantic 1 takes for the same type, read the same, and refuses what it refuses, but for a
+    whole number in a string for an int ("7.0", which pydantic 2 reads as 7). NaN and infinities (refused on
+    purpose) and null (the default) aside."""
+    for name, field in model.model_fields.items():
+        reference = pydantic.v1.create_model("Webui", **{name: (_plain(field.annotation), ...)})
+        for value in LAX:
+            try:
+                expected = getattr(reference(**{name: value}), name)
+            except pydantic.v1.ValidationError:
+                expected = "refused"
+            try:
+                got = getattr(model.model_validate({name: value}), name)
+            except pydantic.ValidationError:
+                got = "refused"
+            if expected == "refused" and value == "7.0" and _plain(field.annotation) in (int, int | None):
+                expected = 7
+            assert got == expected and type(got) is type(expected), (name, value, got, expected)
 
 
 def test_options_answers_allow_with_every_method_and_auth_covers_websockets(hostile):

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import webui
 from ..images import encode_png
 from .lists import UPSCALERS
+from .models import Int, Str
 
 router = APIRouter()
 
@@ -24,28 +25,28 @@ RESAMPLE = {"Lanczos": PIL.Image.Resampling.LANCZOS, "Nearest": PIL.Image.Resamp
 class ExtrasRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    resize_mode: int = 0  # 0: scale by upscaling_resize, 1: scale to upscaling_resize_w x _h
+    resize_mode: Int = 0  # 0: scale by upscaling_resize, 1: scale to upscaling_resize_w x _h
     show_extras_results: bool = True
     gfpgan_visibility: float = 0.0
     codeformer_visibility: float = 0.0
     codeformer_weight: float = 0.0
     upscaling_resize: float = 2.0
-    upscaling_resize_w: int = 512
-    upscaling_resize_h: int = 512
+    upscaling_resize_w: Int = 512
+    upscaling_resize_h: Int = 512
     upscaling_crop: bool = True
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
+    upscaler_1: Str = "None"
+    upscaler_2: Str = "None"
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
 
 
 class ExtrasSingleRequest(ExtrasRequest):
-    image: str = ""
+    image: Str = ""
 
 
 class ImageItem(BaseModel):
-    data: str
-    name: str = ""
+    data: Str
+    name: Str = ""
 
 
 class ExtrasBatchRequest(ExtrasRequest):

@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .. import webui
 from ..checks import SEED_MAX
 
 
+# The webui's models are pydantic 1's (fastapi 0.94), which reads an int field as int(v) and a str field as
+# str(v) for a number, and a dict field as dict(v). pydantic 2 refuses these; clients rely on them (AIYA sends `steps / 2` hires steps).
+def _v1_int(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and math.isfinite(v) else v  # 12.5 is 12, -1.5 is -1
+
+
+def _v1_str(v: Any) -> Any:
+    return str(v) if isinstance(v, int | float) else v  # 123 is "123", True is "True"
+
+
+def _v1_dict(v: Any) -> Any:
+    if isinstance(v, dict):
+        return v
+    try:
+        return dict(v)  # "" and [] are {} (an empty iterable of pairs)
+    except (TypeError, ValueError):
+        return v
+
+
+Int = Annotated[int, BeforeValidator(_v1_int)]
+Str = Annotated[str, BeforeValidator(_v1_str)]
+Dict = Annotated[dict[str, Any], BeforeValidator(_v1_dict)]
+
+
 class _Request(BaseModel):
-    # Lax as the webui's pydantic models: "7.0" is a float and "512" or 512.0 a width, null is the default;
-    # unknown fields are kept aside (model_extra), ignored and reported. NaN and infinities are refused.
+    # Lax as the webui's pydantic models: "7.0" is a float, "512", 512.0 or 512.5 a width (512), 123 a prompt
+    # ("123"), null is the default; unknown fields are kept aside (model_extra), ignored and reported. NaN and
+    # infinities are refused.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="before")
@@ -20,22 +46,22 @@ class _Request(BaseModel):
     def _null_is_default(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
+    prompt: Str = ""
+    negative_prompt: Str = ""
+    styles: list[Str] | None = None
+    seed: Int = -1
+    subseed: Int = -1
     subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
-    sampler_name: str | None = None
-    scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
+    seed_resize_from_h: Int = -1
+    seed_resize_from_w: Int = -1
+    sampler_name: Str | None = None
+    scheduler: Str | None = None
+    batch_size: Int = 1
+    n_iter: Int = 1
+    steps: Int = 50
     cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    width: Int = 512
+    height: Int = 512
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
@@ -47,54 +73,54 @@ class _Request(BaseModel):
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
-    override_settings: dict[str, Any] | None = None
+    override_settings: Dict | None = None
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: Str | None = None
     refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
-    firstpass_image: str | None = None
-    comments: dict[str, Any] | None = None
-    sampler_index: str | None = "Euler"
-    script_name: str | None = None
+    firstpass_image: Str | None = None
+    comments: Dict | None = None
+    sampler_index: Str | None = "Euler"
+    script_name: Str | None = None
     script_args: list[Any] = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    force_task_id: str | None = None
-    infotext: str | None = None
+    alwayson_scripts: Dict = Field(default_factory=dict)
+    force_task_id: Str | None = None
+    infotext: Str | None = None
 
 
 class Txt2ImgRequest(_Request):
     enable_hr: bool = False
-    firstphase_width: int = 0
-    firstphase_height: int = 0
+    firstphase_width: Int = 0
+    firstphase_height: Int = 0
     hr_scale: float = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
+    hr_upscaler: Str | None = None
+    hr_second_pass_steps: Int = 0
+    hr_resize_x: Int = 0
+    hr_resize_y: Int = 0
+    hr_checkpoint_name: Str | None = None
+    hr_sampler_name: Str | None = None
+    hr_scheduler: Str | None = None
+    hr_prompt: Str = ""
+    hr_negative_prompt: Str = ""
 
 
 class Img2ImgRequest(_Request):
-    init_images: list[str] | None = None
-    resize_mode: int = 0
+    init_images: list[Str] | None = None
+    resize_mode: Int = 0
     image_cfg_scale: float | None = None
-    mask: str | None = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: int | None = None
+    mask: Str | None = None
+    mask_blur_x: Int = 4
+    mask_blur_y: Int = 4
+    mask_blur: Int | None = None
     mask_round: bool = True
-    inpainting_fill: int = 0
+    inpainting_fill: Int = 0
     inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpaint_full_res_padding: Int = 0
+    inpainting_mask_invert: Int = 0
     initial_noise_multiplier: float | None = None
-    latent_mask: str | None = None
+    latent_mask: Str | None = None
     include_init_images: bool = False
 
 
