@@ -395,8 +395,8 @@ def _blended(blend, on_step):
 FAMILIES = ("diffusers", "webui")
 
 
-def _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
-            s_min_uncond, inpaint_options, hires_options) -> str:
+def _family(*, family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength, s_min_uncond,
+            inpaint_options, hires_options) -> str:
     """The sampler family: as given, else "webui" for a webui sampler name or a webui-only argument."""
     if family is not None:
         if family not in FAMILIES:
@@ -492,8 +492,9 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSo
     cross_attention_kwargs = checks.cross_attention_kwargs(cross_attention_kwargs)
     if token_merging_ratio is not None:
         tome.TokenMerging(plain(token_merging_ratio))  # checked before the model loads
-    family = _family(family, sampler, scheduler, rng, eta_noise_seed_delta, subseed, subseed_strength,
-                     s_min_uncond, inpaint_options, hires)
+    family = _family(family=family, sampler=sampler, scheduler=scheduler, rng=rng,
+                     eta_noise_seed_delta=eta_noise_seed_delta, subseed=subseed, subseed_strength=subseed_strength,
+                     s_min_uncond=s_min_uncond, inpaint_options=inpaint_options, hires_options=hires)
     batch_size = _check_inputs(
         prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
@@ -523,10 +524,14 @@ def generate(prompt: str | list[str] | None = None, *, model: Pipeline | ModelSo
                                          a1111_prompts or family == "webui")
     if family == "webui":
         images, nsfw, networks_infotext, infotexts = webui_family.run(
-            pipe, webui, prompt, negative_prompt, num_images_per_prompt, shape, init_image, image, mask_image, height,
-            width, strength, num_inference_steps, guidance_scale, eta, seed, clip_skip, cross_attention_kwargs,
-            output_type, callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
-            token_merging_ratio)
+            pipe, webui, prompt=prompt, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, shape=shape, init_image=init_image, image=image,
+            mask_image=mask_image, height=height, width=width, strength=strength, steps=num_inference_steps,
+            guidance_scale=guidance_scale, eta=eta, seed=seed, clip_skip=clip_skip,
+            cross_attention_kwargs=cross_attention_kwargs, output_type=output_type,
+            callback_on_step_end=callback_on_step_end, callback=callback, callback_steps=callback_steps,
+            progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+            token_merging_ratio=token_merging_ratio)
         if not return_dict:
             return images, nsfw
         return GenerationResult(images=images, nsfw_content_detected=nsfw, infotext=networks_infotext,

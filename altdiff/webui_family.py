@@ -95,11 +95,10 @@ def check(*, sampler, scheduler, rng, ensd, subseed, subseed_strength, s_min_unc
                   hires_options)
 
 
-def run(pipe: Pipeline, webui: Choices, prompt, negative_prompt, num_images_per_prompt: int,
-                    shape, init_image, image, mask_image, height, width, strength, steps: int,
-                    guidance_scale: float, eta, seed, clip_skip, cross_attention_kwargs, output_type,
-                    callback_on_step_end, callback, callback_steps, progress, lora_dir, embeddings_dir,
-                    token_merging_ratio):
+def run(pipe: Pipeline, webui: Choices, *, prompt, negative_prompt, num_images_per_prompt: int, shape, init_image,
+        image, mask_image, height, width, strength, steps: int, guidance_scale: float, eta, seed, clip_skip,
+        cross_attention_kwargs, output_type, callback_on_step_end, callback, callback_steps, progress, lora_dir,
+        embeddings_dir, token_merging_ratio):
     """The webui family's stages (altdiff.webui_sampling): encode the prompt schedules, draw the webui's noise,
     sample with its CFG denoiser (an inpainting mask blended in; the hires fix's second pass after it), decode
     with its truncating conversion (and paste the inpainting overlay). Returns (images, nsfw flags, the
