@@ -12,7 +12,8 @@ from ..checks import SEED_MAX
 
 
 # The webui's models are pydantic 1's (fastapi 0.94), which reads an int field as int(v) and a str field as
-# str(v) for a number, and a dict field as dict(v). pydantic 2 refuses these; clients rely on them (AIYA sends `steps / 2` hires steps).
+# str(v) for a number, and a dict field as dict(v). pydantic 2 refuses these; clients rely on them (AIYA sends
+# `steps / 2` hires steps).
 def _v1_int(v: Any) -> Any:
     return int(v) if isinstance(v, float) and math.isfinite(v) else v  # 12.5 is 12, -1.5 is -1
 
